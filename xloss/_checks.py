@@ -1,0 +1,107 @@
+"""Argument checks shared by every public function.
+
+Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape or value) with a message
+that names the argument and, where it helps, the shapes involved.  Value checks on CUDA tensors use
+``torch._assert_async`` so that validating never forces a host sync.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_float_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {_shape(t)}")
+
+
+def check_same_dtype_device(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    (n0, t0) = items[0]
+    for name, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{n0} and {name} must be on the same device, got {t0.device} and {t.device}")
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{n0} and {name} must have the same dtype, got {t0.dtype} and {t.dtype}")
+
+
+def _value_check(cond: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the boolean 0-dim tensor `cond` holds, without a sync on CUDA."""
+    if cond.device.type == "cpu":
+        if not bool(cond):
+            raise ValueError(message)
+    else:
+        torch._assert_async(cond, message)
+
+
+def check_labels(labels, n: int, num_classes: int, device: torch.device) -> None:
+    """`labels` must be an integer tensor of shape [n] with values in [0, num_classes)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of integer class indices, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must have an integer dtype (e.g. torch.long), got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},) (one positive key per query), got {_shape(labels)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on the same device as query ({device}), got {labels.device}")
+    _value_check(
+        (labels.min() >= 0) & (labels.max() < num_classes),
+        f"labels must lie in [0, {num_classes}) (the number of keys), got values outside that range",
+    )
+
+
+def resolve_scale(logit_scale, temperature, device: torch.device) -> torch.Tensor:
+    """Return the multiplicative logit scale s as a 0-dim tensor on `device`.
+
+    ``temperature=τ`` means ``s = 1/τ`` (and its gradient flows back to τ when it is a tensor); neither given
+    means ``s = 1``.
+    """
+    if logit_scale is not None and temperature is not None:
+        raise ValueError("give either logit_scale or temperature, not both (temperature=t means logit_scale=1/t)")
+    if temperature is not None:
+        t = _scalar("temperature", temperature, device)
+        _value_check(t > 0, f"temperature must be positive, got {temperature if t.device.type == 'cpu' else 'a non-positive value'}")
+        return 1.0 / t
+    if logit_scale is not None:
+        return _scalar("logit_scale", logit_scale, device)
+    return torch.ones((), device=device)
+
+
+def _scalar(name: str, value, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}")
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (one element), got shape {_shape(value)}")
+        if value.device != device and value.dim() != 0:
+            raise ValueError(f"{name} must be on {device} (or be a 0-dim tensor), got {value.device}")
+        return value.reshape(()).to(device)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    return torch.tensor(float(value), device=device)
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_label_smoothing(label_smoothing) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")

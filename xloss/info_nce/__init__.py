@@ -1,0 +1,164 @@
+"""Memory-efficient InfoNCE / CLIP loss (SPEC.md §1).
+
+``info_nce`` checks its arguments, picks a backend and runs ``InfoNCEFunction``, one autograd Function for
+every fast path.  A backend supplies two tile sweeps (see ``cpu.py`` and ``triton.py``):
+
+* ``lse``: row and column log-sum-exp of the logits, from the same tiles;
+* ``grad``: ``dq_u = P k`` and ``dk_u = Pᵀ q`` for ``P_ij = a_i·softmax_row + w_j·softmax_col``.
+
+Everything else is O((N+M)·D) and lives here once: the positive logits, label smoothing, the reduction, the
+target terms of the gradient and the gradient of the logit scale (``ds = Σ_i <q_i, dq_u_i>``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _checks
+from .. import reference as _reference
+from . import cpu as _cpu
+
+
+def _engine(name: str):
+    if name == "triton":
+        from . import triton as _triton  # imported lazily: Triton is optional
+
+        return _triton
+    return _cpu
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """Autograd for InfoNCE: saves the inputs and the LSE vectors, recomputes tiles in backward.
+
+    Forward args: ``q [N, D]``, ``k [M, D]``, ``scale`` (0-dim), ``labels [N]`` (long), ``symmetric``,
+    ``label_smoothing``, ``reduction``, ``engine`` (module with ``lse`` and ``grad``).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale, labels, symmetric, label_smoothing, reduction, engine):
+        acc = _cpu.accumulation_dtype(q.dtype)
+        n, m = q.shape[0], k.shape[0]
+        eps = float(label_smoothing)
+        s = scale.detach().to(acc)
+        lse_r, lse_c = engine.lse(q, k, s, symmetric)
+        qf, kf = q.to(acc), k.to(acc)
+        k_pos = kf[labels]  # [N, D] each query's positive key
+        z_pos = s * (qf * k_pos).sum(1)
+        rows = lse_r - z_pos
+        if eps:
+            rows = rows + eps * (z_pos - s * (qf @ kf.sum(0)) / m)  # ε(LSE - mean_j z_ij) - ε(LSE - z_pos)
+        if symmetric:
+            cols = lse_c[labels] - z_pos
+            if eps:
+                cols = cols + eps * (z_pos - s * (k_pos @ qf.sum(0)) / n)
+            terms = (rows + cols) / 2
+        else:
+            terms = rows
+        ctx.save_for_backward(q, k, scale, labels, lse_r, lse_c if symmetric else None)
+        ctx.options = (symmetric, eps, reduction, engine)
+        if reduction == "mean":
+            return terms.mean()
+        if reduction == "sum":
+            return terms.sum()
+        return terms
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, scale, labels, lse_r, lse_c = ctx.saved_tensors
+        symmetric, eps, reduction, engine = ctx.options
+        acc = lse_r.dtype
+        n, m = q.shape[0], k.shape[0]
+        g = grad_out.to(acc)
+        g = (g / n if reduction == "mean" else g).expand(n)  # d loss / d ℓ_i
+        a = g / 2 if symmetric else g  # weight of row i's softmax
+        w = torch.zeros(m, dtype=acc, device=q.device).index_add_(0, labels, a) if symmetric else None
+        s = scale.detach().to(acc)
+        dq, dk = engine.grad(q, k, s, lse_r, lse_c, a, w)
+        # Target terms, O((N+M)·D): -(1-ε)·(weight of positive) and the uniform ε/M, ε/N parts of smoothing.
+        qf, kf = q.to(acc), k.to(acc)
+        pos = (1 - eps) * (a + a if symmetric else a)
+        dq -= pos[:, None] * kf[labels]
+        dk.index_add_(0, labels, -pos[:, None] * qf)
+        if eps:
+            dq -= (eps / m) * a[:, None] * kf.sum(0)
+            dk -= (eps / m) * (a @ qf)
+            if symmetric:
+                dq -= (eps / n) * (w @ kf)
+                dk -= (eps / n) * w[:, None] * qf.sum(0)
+        grad_scale = (qf * dq).sum() if ctx.needs_input_grad[2] else None  # Σ G∘(q kᵀ)
+        grad_q = (s * dq).to(q.dtype) if ctx.needs_input_grad[0] else None
+        grad_k = (s * dk).to(k.dtype) if ctx.needs_input_grad[1] else None
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(scale.dtype)
+        return grad_q, grad_k, grad_scale, None, None, None, None, None
+
+
+def info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    logit_scale=None,
+    temperature=None,
+    labels: torch.Tensor | None = None,
+    symmetric: bool = True,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """InfoNCE / CLIP contrastive loss without the N×M logits matrix.
+
+    Equal to ``xloss.reference.info_nce`` (and to open_clip's ``ClipLoss`` with default labels): logits
+    ``z_ij = s·<q_i, k_j>``, cross-entropy over each row (query→key) and, when ``symmetric``, over the
+    positive key's column (key→query), averaged.
+
+    Args:
+        query: ``[N, D]`` float32/float16/bfloat16/float64 (image features in CLIP).
+        key: ``[M, D]``, same dtype and device; ``M > N`` adds extra negatives.  ``M < N`` needs ``labels``.
+        logit_scale: multiplicative scale ``s``: a float or a 0-dim tensor (gets a gradient), e.g.
+            ``model.logit_scale.exp()``.  Default 1.
+        temperature: ``τ``, the same as ``logit_scale=1/τ``; give one or the other.
+        labels: ``[N]`` integer index of each query's positive key; default ``arange(N)``.
+        symmetric: add the key→query term (CLIP); False gives the one-way InfoNCE.
+        label_smoothing: ``ε`` in [0, 1], as ``F.cross_entropy``, on both terms.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-query terms ``[N]``).
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"``, ``"cpu"`` or
+            ``"reference"`` (the naive definition).
+
+    Returns:
+        0-dim loss, or ``[N]`` per-query terms for ``reduction="none"``; float32 for half inputs, float64 for
+        float64 inputs.
+    """
+    _checks.check_float_tensor("query", query, ndim=2)
+    _checks.check_float_tensor("key", key, ndim=2)
+    _checks.check_same_dtype_device(query=query, key=key)
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"query and key must have the same feature dimension D, got query {tuple(query.shape)} "
+            f"and key {tuple(key.shape)}"
+        )
+    n, m = query.shape[0], key.shape[0]
+    if labels is None and n > m:
+        raise ValueError(
+            f"query has more rows than key ({n} > {m}): pass labels to say which key is each query's positive"
+        )
+    if labels is not None:
+        _checks.check_labels(labels, n, m, query.device)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    _checks.check_label_smoothing(label_smoothing)
+    _checks.check_reduction(reduction)
+    scale = _checks.resolve_scale(logit_scale, temperature, query.device)
+    name = _backend.resolve(backend, query.device, "info_nce")
+    if name == "reference":
+        return _reference.info_nce(
+            query, key, logit_scale=scale, labels=labels, symmetric=symmetric,
+            label_smoothing=label_smoothing, reduction=reduction,
+        )
+    if labels is None:
+        labels = torch.arange(n, device=query.device)
+    return InfoNCEFunction.apply(
+        query, key, scale, labels.long(), symmetric, float(label_smoothing), reduction, _engine(name)
+    )
+
+
+__all__ = ["info_nce", "InfoNCEFunction"]
