@@ -78,7 +78,7 @@ def resolve_scale(logit_scale, temperature, device: torch.device) -> torch.Tenso
         return 1.0 / t
     if logit_scale is not None:
         return _scalar("logit_scale", logit_scale, device)
-    return torch.ones((), device=device)
+    return torch.ones((), dtype=torch.float64, device=device)
 
 
 def _scalar(name: str, value, device: torch.device) -> torch.Tensor:
@@ -92,7 +92,8 @@ def _scalar(name: str, value, device: torch.device) -> torch.Tensor:
         return value.reshape(()).to(device)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    return torch.tensor(float(value), device=device)
+    # float64 so that a Python float loses nothing with float64 inputs; it is cast to the compute dtype later.
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
 def check_reduction(reduction) -> None:

@@ -3,7 +3,8 @@
 ``info_nce`` checks its arguments, picks a backend and runs ``InfoNCEFunction``, one autograd Function for
 every fast path.  A backend supplies two tile sweeps (see ``cpu.py`` and ``triton.py``):
 
-* ``lse``: row and column log-sum-exp of the logits, from the same tiles;
+* ``lse``: row and column log-sum-exp statistics of the logits, from the same tiles, kept split as
+  ``[max, log Σ exp(z - max)]`` so that no large fp32 number is subtracted from another;
 * ``grad``: ``dq_u = P k`` and ``dk_u = Pᵀ q`` for ``P_ij = a_i·softmax_row + w_j·softmax_col``.
 
 Everything else is O((N+M)·D) and lives here once: the positive logits, label smoothing, the reduction, the
@@ -40,21 +41,21 @@ class InfoNCEFunction(torch.autograd.Function):
         n, m = q.shape[0], k.shape[0]
         eps = float(label_smoothing)
         s = scale.detach().to(acc)
-        lse_r, lse_c = engine.lse(q, k, s, symmetric)
+        row, col = engine.lse(q, k, s, symmetric)
         qf, kf = q.to(acc), k.to(acc)
         k_pos = kf[labels]  # [N, D] each query's positive key
         z_pos = s * (qf * k_pos).sum(1)
-        rows = lse_r - z_pos
+        rows = (row[0] - z_pos) + row[1]  # LSE - z_pos, the max subtracted first (as log_softmax)
         if eps:
             rows = rows + eps * (z_pos - s * (qf @ kf.sum(0)) / m)  # ε(LSE - mean_j z_ij) - ε(LSE - z_pos)
         if symmetric:
-            cols = lse_c[labels] - z_pos
+            cols = (col[0, labels] - z_pos) + col[1, labels]
             if eps:
                 cols = cols + eps * (z_pos - s * (k_pos @ qf.sum(0)) / n)
             terms = (rows + cols) / 2
         else:
             terms = rows
-        ctx.save_for_backward(q, k, scale, labels, lse_r, lse_c if symmetric else None)
+        ctx.save_for_backward(q, k, scale, labels, row, col)
         ctx.options = (symmetric, eps, reduction, engine)
         if reduction == "mean":
             return terms.mean()
@@ -64,16 +65,16 @@ class InfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, scale, labels, lse_r, lse_c = ctx.saved_tensors
+        q, k, scale, labels, row, col = ctx.saved_tensors
         symmetric, eps, reduction, engine = ctx.options
-        acc = lse_r.dtype
+        acc = row.dtype
         n, m = q.shape[0], k.shape[0]
         g = grad_out.to(acc)
         g = (g / n if reduction == "mean" else g).expand(n)  # d loss / d ℓ_i
         a = g / 2 if symmetric else g  # weight of row i's softmax
         w = torch.zeros(m, dtype=acc, device=q.device).index_add_(0, labels, a) if symmetric else None
         s = scale.detach().to(acc)
-        dq, dk = engine.grad(q, k, s, lse_r, lse_c, a, w)
+        dq, dk = engine.grad(q, k, s, row, col, a, w)
         # Target terms, O((N+M)·D): -(1-ε)·(weight of positive) and the uniform ε/M, ε/N parts of smoothing.
         qf, kf = q.to(acc), k.to(acc)
         pos = (1 - eps) * (a + a if symmetric else a)

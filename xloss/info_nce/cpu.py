@@ -2,13 +2,15 @@
 
 Two primitives, shared with the Triton path through the autograd Function in ``__init__``:
 
-* ``lse(q, k, scale, need_cols)``: one sweep over row strips ``S = s·q_blk kᵀ`` gives every row LSE exactly
-  (a strip holds whole rows) and the column LSEs, merged strip by strip with ``logaddexp``.
-* ``grad(q, k, scale, lse_r, lse_c, a, w)``: one recomputing sweep gives ``P kᵀ``-style products
-  ``dq_u = P k`` and ``dk_u = Pᵀ q`` with ``P_ij = a_i·exp(z_ij - lse_r_i) + w_j·exp(z_ij - lse_c_j)``.
+* ``lse(q, k, scale, need_cols)``: one sweep over row strips ``S = s·q_blk kᵀ`` gives every row's
+  log-sum-exp exactly (a strip holds whole rows) and the columns', merged strip by strip (online softmax).
+  Statistics stay split as ``[max, log Σ exp(z - max)]`` (shape ``[2, N]``), for precision.
+* ``grad(q, k, scale, row, col, a, w)``: one recomputing sweep gives ``dq_u = P k`` and ``dk_u = Pᵀ q`` with
+  ``P_ij = a_i·exp((z_ij - row_max_i) - row_logsum_i) + w_j·exp((z_ij - col_max_j) - col_logsum_j)``.
 
-So a forward+backward costs 4 GEMM sweeps and O((N+M)·D) memory plus two strips of ``rows × M`` floats whose
-size comes from a memory budget (``XLOSS_CPU_TILE_MB``, default 32 MiB per strip).  Inputs in fp16/bf16 are
+So a forward+backward costs 4 GEMM sweeps and O((N+M)·D) memory plus a working set of two ``rows × M`` strips
+(the logits and the probabilities, or a logsumexp temporary in forward) whose size comes from a memory budget:
+``XLOSS_CPU_TILE_MB`` (default 64 MiB for both strips together).  Inputs in fp16/bf16 are
 computed in fp32; fp64 stays fp64.  Nothing here is CPU-specific: it is also the fallback on CUDA tensors when
 Triton is missing.
 """
@@ -19,7 +21,8 @@ import os
 
 import torch
 
-DEFAULT_STRIP_BYTES = 32 * 2**20
+DEFAULT_TILE_BYTES = 64 * 2**20
+STRIPS = 2  # buffers of rows × M alive at once in either sweep
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,8 +31,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _strip_rows(n: int, m: int, itemsize: int) -> int:
-    budget = int(float(os.environ.get("XLOSS_CPU_TILE_MB", DEFAULT_STRIP_BYTES / 2**20)) * 2**20)
-    return max(1, min(n, budget // max(1, m * itemsize)))
+    """Rows per strip so that STRIPS strips of ``rows × m`` fit the budget (at least one row)."""
+    budget = float(os.environ.get("XLOSS_CPU_TILE_MB", DEFAULT_TILE_BYTES / 2**20)) * 2**20
+    return max(1, min(n, int(budget) // max(1, STRIPS * m * itemsize)))
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -37,64 +41,93 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
-    """Row and (optionally) column log-sum-exp of ``z = scale · q kᵀ``.
+    """Row and (optionally) column log-sum-exp statistics of ``z = scale · q kᵀ``.
+
+    The statistics are kept split, ``(max, log Σ exp(z - max))``, so that backward can form a softmax entry
+    as ``exp((z - max) - logsum)`` as ``log_softmax`` does: one fp32 number of size |z| (the full LSE) would
+    add an error of |z|·eps to every entry.
 
     Args:
         q: ``[N, D]``; k: ``[M, D]``; scale: 0-dim tensor.
-        need_cols: also return the column LSE (symmetric loss).
+        need_cols: also return the column statistics (symmetric loss).
 
     Returns:
-        ``lse_r [N]`` and ``lse_c [M]`` (or None), in the accumulation dtype.
+        ``row [2, N]`` and ``col [2, M]`` (or None): ``[0]`` the max, ``[1]`` the log-sum-exp relative to it,
+        in the accumulation dtype.
     """
     q, k = _upcast(q), _upcast(k)
     qs = q * scale.to(q.dtype)
     n, m = q.shape[0], k.shape[0]
     rows = _strip_rows(n, m, q.element_size())
     kt = k.T
-    lse_r = torch.empty(n, dtype=q.dtype, device=q.device)
-    lse_c = torch.full((m,), float("-inf"), dtype=q.dtype, device=q.device) if need_cols else None
+    row = torch.empty(2, n, dtype=q.dtype, device=q.device)
+    if need_cols:
+        col_max = torch.full((m,), float("-inf"), dtype=q.dtype, device=q.device)
+        col_sum = torch.zeros(m, dtype=q.dtype, device=q.device)
     strip = torch.empty(rows, m, dtype=q.dtype, device=q.device)
+    work = torch.empty(rows, m, dtype=q.dtype, device=q.device)
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
-        s = strip[: i1 - i0]
+        s, e = strip[: i1 - i0], work[: i1 - i0]
         torch.mm(qs[i0:i1], kt, out=s)
-        torch.logsumexp(s, 1, out=lse_r[i0:i1])
+        r_max = torch.amax(s, 1, out=row[0, i0:i1])
+        torch.sub(s, r_max[:, None], out=e).exp_()
+        torch.sum(e, 1, out=row[1, i0:i1]).log_()
         if need_cols:
-            torch.logaddexp(lse_c, torch.logsumexp(s, 0), out=lse_c)
-    return lse_r, lse_c
+            # Merge this strip's column statistics into the running ones (online softmax over strips).
+            t_max = s.amax(0)
+            torch.sub(s, t_max, out=e).exp_()
+            new_max = torch.maximum(col_max, t_max)
+            col_sum.mul_(torch.exp(col_max - new_max)).add_(e.sum(0) * torch.exp(t_max - new_max))
+            col_max = new_max
+    col = torch.stack([col_max, col_sum.log()]) if need_cols else None
+    return row, col
 
 
-def _shift_and_sign(lse_v: torch.Tensor, weight: torch.Tensor):
-    """``weight·exp(z - lse) = sign·exp(z - (lse - log|weight|))``: one subtract and one exp per element.
+def _shift_and_sign(stats: torch.Tensor, weight: torch.Tensor):
+    """``weight·exp((z - max) - logsum) = sign·exp((z - max) - shift)``, ``shift = logsum - log|weight|``.
 
-    Returns the shift and the sign vector, or None for the sign when every weight is >= 0 (the usual case).
+    Returns the max, the shift and the sign vector (None when every weight is >= 0, the usual case).
+    A zero weight gives shift +inf and so exp(...) = 0.
     """
-    shift = lse_v - torch.log(weight.abs())  # weight 0 gives +inf: exp(z - inf) = 0
+    shift = stats[1] - torch.log(weight.abs())
     sign = torch.sign(weight) if bool((weight < 0).any()) else None
-    return shift, sign
+    return stats[0], shift, sign
 
 
-def grad(q, k, scale, lse_r, lse_c, a, w):
+def _add_softmax_part(out, s, mx, shift, sign, accumulate: bool):
+    """``out (+)= sign·exp((s - mx) - shift)`` with the max subtracted first (see ``lse``)."""
+    if accumulate:
+        s.sub_(mx).sub_(shift).exp_()
+        if sign is not None:
+            s.mul_(sign)
+        out.add_(s)
+    else:
+        torch.sub(s, mx, out=out).sub_(shift).exp_()
+        if sign is not None:
+            out.mul_(sign)
+
+
+def grad(q, k, scale, row, col, a, w):
     """Unscaled gradient products of one recomputing sweep.
 
     Args:
         q: ``[N, D]``; k: ``[M, D]``; scale: 0-dim tensor.
-        lse_r: ``[N]`` row LSE; lse_c: ``[M]`` column LSE or None (one-way loss).
+        row: ``[2, N]`` row statistics of ``lse``; col: ``[2, M]`` column statistics or None (one-way).
         a: ``[N]`` weight of each row softmax; w: ``[M]`` weight of each column softmax, or None.
 
     Returns:
         ``dq_u = P k`` ``[N, D]`` and ``dk_u = Pᵀ q`` ``[M, D]``, in the accumulation dtype, for
-        ``P_ij = a_i exp(z_ij - lse_r_i) + w_j exp(z_ij - lse_c_j)``.
+        ``P_ij = a_i·softmax_j(z_i·)_ij + w_j·softmax_i(z_·j)_ij``.
     """
     q, k = _upcast(q), _upcast(k)
     acc = q.dtype
     qs = q * scale.to(acc)
     n, m = q.shape[0], k.shape[0]
     rows = _strip_rows(n, m, q.element_size())
-    row_shift, row_sign = _shift_and_sign(lse_r.to(acc), a.to(acc))
-    cols = lse_c is not None
-    if cols:
-        col_shift, col_sign = _shift_and_sign(lse_c.to(acc), w.to(acc))
+    r_max, r_shift, r_sign = _shift_and_sign(row.to(acc), a.to(acc))
+    if col is not None:
+        c_max, c_shift, c_sign = _shift_and_sign(col.to(acc), w.to(acc))
     kt = k.T
     dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)
     dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device)
@@ -104,14 +137,10 @@ def grad(q, k, scale, lse_r, lse_c, a, w):
         i1 = min(n, i0 + rows)
         s, p = strip[: i1 - i0], prob[: i1 - i0]
         torch.mm(qs[i0:i1], kt, out=s)
-        torch.sub(s, row_shift[i0:i1, None], out=p).exp_()
-        if row_sign is not None:
-            p.mul_(row_sign[i0:i1, None])
-        if cols:
-            s.sub_(col_shift).exp_()
-            if col_sign is not None:
-                s.mul_(col_sign)
-            p.add_(s)
+        sign = None if r_sign is None else r_sign[i0:i1, None]
+        _add_softmax_part(p, s, r_max[i0:i1, None], r_shift[i0:i1, None], sign, accumulate=False)
+        if col is not None:
+            _add_softmax_part(p, s, c_max, c_shift, c_sign, accumulate=True)
         torch.mm(p, k, out=dq[i0:i1])
         dk.addmm_(p.T, q[i0:i1])
     return dq, dk

@@ -1,0 +1,263 @@
+"""Triton kernels of InfoNCE (xloss/info_nce/triton.py): raw launchers vs fp64 formulas, then the public function.
+
+On machines without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set below before
+Triton is imported); there fp32 and fp16 are right but bf16 is not, so bf16 is tested on a GPU only (run
+this file with ``TRITON_INTERPRET=0`` on a CUDA machine to test the compiled kernels on CUDA tensors).
+Shapes are small (1, 7, 129, D not a multiple of the tile) because the interpreter is slow; the interpreter
+tile sizes (32) make them cover several row/column blocks, the D loop, the column split and its atomics.
+
+Tolerances: fp32 against fp64 at ~1e-5 relative; fp16 inputs against fp64 on the same (upcast) inputs, with
+the slack of one fp16 rounding of P in the gradient dots.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on CPU tensors
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # TRITON_INTERPRET=0 runs the compiled kernels
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed: the triton backend of info_nce cannot be tested", allow_module_level=True)
+
+import xloss
+from xloss.info_nce import triton as tri
+
+INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
+DEVICE = "cpu" if INTERPRET else "cuda"
+SCALE = 4.0
+
+# (N, M, D): N != M, D below, at, and across the tile (interpreter BLOCK_D = 32), 1-row / 1-column edges.
+SHAPES = [(1, 1, 1), (7, 129, 7), (129, 7, 129), (40, 70, 40)]
+
+
+def _inputs(n, m, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1).to(dtype)
+    a = torch.randn(n, generator=g) / n  # mixed signs
+    w = torch.randn(m, generator=g) / n
+    return q.to(DEVICE), k.to(DEVICE), a.to(DEVICE), w.to(DEVICE)
+
+
+def _ref_lse(q, k, scale):
+    z = scale * q.double() @ k.double().T
+    return torch.logsumexp(z, 1), torch.logsumexp(z, 0)
+
+
+def _ref_grad(q, k, scale, a, w):
+    qd, kd = q.double(), k.double()
+    z = scale * qd @ kd.T
+    p = a.double()[:, None] * torch.softmax(z, 1)
+    if w is not None:
+        p = p + w.double()[None, :] * torch.softmax(z, 0)
+    return p @ kd, p.T @ qd
+
+
+def _close(got, want, dtype, what):
+    assert got.dtype == torch.float32, what
+    assert torch.isfinite(got).all(), what
+    got, want = got.double().cpu(), want.cpu()
+    mag = want.abs().max().item() if want.numel() else 0.0
+    if dtype == torch.float32:
+        tol = 2e-5 * max(1.0, mag)
+    else:  # half: P is rounded to fp16/bf16 once before the gradient dots
+        tol = (4e-3 if dtype == torch.float16 else 2e-2) * max(1e-3, mag)
+    err = (got - want).abs().max().item()
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} (max |want| {mag:.3g})"
+
+
+# ------------------------------------------------------------------------------------------- raw launchers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lse(shape, dtype):
+    n, m, d = shape
+    q, k, _, _ = _inputs(n, m, d, dtype)
+    scale = torch.tensor(SCALE, device=DEVICE)
+    want_r, want_c = _ref_lse(q, k, SCALE)
+    lse_r, lse_c = tri.lse(q, k, scale, True)
+    assert lse_r.shape == (n,) and lse_c.shape == (m,)
+    _close(lse_r, want_r, torch.float32, "lse_r")  # forward: products of half inputs are exact in fp32
+    _close(lse_c, want_c, torch.float32, "lse_c")
+    lse_r1, none = tri.lse(q, k, scale, False)
+    assert none is None
+    torch.testing.assert_close(lse_r1, lse_r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "one-way"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_grad(shape, dtype, symmetric):
+    n, m, d = shape
+    q, k, a, w = _inputs(n, m, d, dtype, seed=1)
+    w = w if symmetric else None
+    scale = torch.tensor(SCALE, device=DEVICE)
+    want_r, want_c = _ref_lse(q, k, SCALE)
+    dq_want, dk_want = _ref_grad(q, k, SCALE, a, w)
+    dq, dk = tri.grad(q, k, scale, want_r.float(), want_c.float() if symmetric else None, a, w)
+    assert dq.shape == (n, d) and dk.shape == (m, d)
+    _close(dq, dq_want, dtype, "dq")
+    _close(dk, dk_want, dtype, "dk")
+
+
+def test_large_scale_and_strided_inputs():
+    """Scale 100 (LSE far from 0: masked tile entries must not overflow into NaN) and non-unit strides."""
+    n, m, d = 40, 70, 40
+    q, k, a, w = _inputs(n, m, d, torch.float32, seed=2)
+    q_strided = torch.zeros(n, d + 9, device=DEVICE)[:, 3:3 + d]  # row stride d + 9
+    q_strided.copy_(q)
+    k_cols = k.T.contiguous().T  # stride along D != 1: the launcher copies it
+    scale = torch.tensor(100.0, device=DEVICE)
+    want_r, want_c = _ref_lse(q, k, 100.0)
+    lse_r, lse_c = tri.lse(q_strided, k_cols, scale, True)
+    _close(lse_r, want_r, torch.float32, "lse_r")
+    _close(lse_c, want_c, torch.float32, "lse_c")
+    dq, dk = tri.grad(q_strided, k_cols, scale, lse_r, lse_c, a, w)
+    dq_want, dk_want = _ref_grad(q, k, 100.0, a, w)
+    # Scale 100 amplifies the fp32 logit rounding (|z| ~ 100) into the softmax: a looser relative tolerance.
+    torch.testing.assert_close(dq.double().cpu(), dq_want.cpu(), rtol=0, atol=5e-4 * dq_want.abs().max().item())
+    torch.testing.assert_close(dk.double().cpu(), dk_want.cpu(), rtol=0, atol=5e-4 * dk_want.abs().max().item())
+
+
+@pytest.mark.parametrize("d", [8, 40], ids=["single-D", "D-loop"])
+def test_all_logits_very_negative(d):
+    """Every z ≈ -200: exp(0 - LSE) overflows fp32 at out-of-range tile entries, which must not leak NaN."""
+    n, m = 7, 40
+    g = torch.Generator().manual_seed(8)
+    e = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    q = torch.nn.functional.normalize(e + 0.05 * torch.randn(n, d, generator=g), dim=1).to(DEVICE)
+    k = torch.nn.functional.normalize(-e + 0.05 * torch.randn(m, d, generator=g), dim=1).to(DEVICE)
+    a, w = torch.full((n,), 1.0 / n, device=DEVICE), torch.full((m,), -0.5 / n, device=DEVICE)
+    scale = torch.tensor(200.0, device=DEVICE)
+    want_r, want_c = _ref_lse(q, k, 200.0)
+    assert want_r.max() < -120 and want_c.max() < -120
+    lse_r, lse_c = tri.lse(q, k, scale, True)
+    torch.testing.assert_close(lse_r.double().cpu(), want_r.cpu(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(lse_c.double().cpu(), want_c.cpu(), rtol=1e-5, atol=0)
+    dq, dk = tri.grad(q, k, scale, lse_r, lse_c, a, w)
+    dq_want, dk_want = _ref_grad(q, k, 200.0, a, w)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    torch.testing.assert_close(dq.double().cpu(), dq_want.cpu(), rtol=0, atol=5e-4 * dq_want.abs().max().item())
+    torch.testing.assert_close(dk.double().cpu(), dk_want.cpu(), rtol=0, atol=5e-4 * dk_want.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", [(7, 129, 7), (40, 70, 40)], ids=["single-D", "D-loop"])
+def test_deterministic_mode(shape, monkeypatch):
+    """XLOSS_DETERMINISTIC and torch.use_deterministic_algorithms: two atomic-free sweeps, same result."""
+    n, m, d = shape
+    q, k, a, w = _inputs(n, m, d, torch.float32, seed=3)
+    scale = torch.tensor(SCALE, device=DEVICE)
+    lse_r, lse_c = tri.lse(q, k, scale, True)
+    for ww, lc in ((w, lse_c), (None, None)):
+        dq_atomic, dk_atomic = tri.grad(q, k, scale, lse_r, lc, a, ww)
+        monkeypatch.setenv("XLOSS_DETERMINISTIC", "1")
+        dq_det, dk_det = tri.grad(q, k, scale, lse_r, lc, a, ww)
+        monkeypatch.delenv("XLOSS_DETERMINISTIC")
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            dq_det2, dk_det2 = tri.grad(q, k, scale, lse_r, lc, a, ww)
+        finally:
+            torch.use_deterministic_algorithms(was)
+        torch.testing.assert_close(dq_det, dq_atomic, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dk_det, dk_atomic, rtol=1e-5, atol=1e-6)
+        assert torch.equal(dq_det, dq_det2) and torch.equal(dk_det, dk_det2)
+
+
+def test_no_column_split(monkeypatch):
+    """One program per row block (the GPU case for large N): dq by plain stores instead of atomics."""
+    monkeypatch.setattr(tri, "TARGET_PROGRAMS", 1)
+    n, m, d = 7, 70, 40
+    q, k, a, w = _inputs(n, m, d, torch.float32, seed=4)
+    scale = torch.tensor(SCALE, device=DEVICE)
+    want_r, want_c = _ref_lse(q, k, SCALE)
+    lse_r, lse_c = tri.lse(q, k, scale, True)
+    _close(lse_r, want_r, torch.float32, "lse_r")
+    _close(lse_c, want_c, torch.float32, "lse_c")
+    dq_want, dk_want = _ref_grad(q, k, SCALE, a, w)
+    dq, dk = tri.grad(q, k, scale, lse_r, lse_c, a, w)
+    _close(dq, dq_want, torch.float32, "dq")
+    _close(dk, dk_want, torch.float32, "dk")
+
+
+def test_float64_is_rejected():
+    q = torch.randn(4, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        tri.lse(q, q, torch.tensor(1.0, dtype=torch.float64, device=DEVICE), True)
+
+
+@pytest.mark.skipif(INTERPRET, reason="bf16 is wrong in Triton's interpreter: GPU only")
+def test_bf16_gpu():
+    q, k, a, w = _inputs(129, 257, 96, torch.bfloat16, seed=5)
+    scale = torch.tensor(SCALE, device=DEVICE)
+    want_r, want_c = _ref_lse(q, k, SCALE)
+    lse_r, lse_c = tri.lse(q, k, scale, True)
+    _close(lse_r, want_r, torch.float32, "lse_r")
+    _close(lse_c, want_c, torch.float32, "lse_c")
+    dq_want, dk_want = _ref_grad(q, k, SCALE, a, w)
+    dq, dk = tri.grad(q, k, scale, lse_r, lse_c, a, w)
+    _close(dq, dq_want, torch.bfloat16, "dq")
+    _close(dk, dk_want, torch.bfloat16, "dk")
+
+
+# --------------------------------------------------------------------------------------- public function
+CASES = {
+    # name: (N, M, D, labels, symmetric, label_smoothing, reduction, scale)
+    "default": (33, 33, 24, False, True, 0.0, "mean", SCALE),
+    "labels-extra-keys-smoothing": (9, 37, 40, True, True, 0.1, "sum", SCALE),
+    "none-one-way": (20, 45, 16, True, False, 0.2, "none", SCALE),
+    "scale-100": (17, 40, 8, False, True, 0.0, "mean", 100.0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_info_nce_vs_reference(case):
+    n, m, d, has_labels, symmetric, eps, reduction, scale = CASES[case]
+    g = torch.Generator().manual_seed(6)
+    q0 = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    k0 = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1)
+    labels = torch.randint(0, m, (n,), generator=g).to(DEVICE) if has_labels else None
+    grad_out = torch.randn(n, generator=g).to(DEVICE) if reduction == "none" else None
+
+    def run(dtype, backend):
+        q = q0.to(device=DEVICE, dtype=dtype).clone().requires_grad_()
+        k = k0.to(device=DEVICE, dtype=dtype).clone().requires_grad_()
+        s = torch.tensor(scale, dtype=dtype, device=DEVICE, requires_grad=True)
+        loss = xloss.info_nce(q, k, logit_scale=s, labels=labels, symmetric=symmetric, label_smoothing=eps,
+                              reduction=reduction, backend=backend)
+        loss.backward(grad_out.to(loss.dtype) if grad_out is not None else None)
+        return loss.detach(), q.grad, k.grad, s.grad
+
+    got = run(torch.float32, "triton")
+    want = run(torch.float64, "reference")
+    # Scale 100 turns fp32 logit rounding (~1e-5 relative of |z| ~ 100) into ~1e-4 relative softmax error.
+    rtol = 2e-4 if scale > 10 else 2e-5
+    for name, x, y in zip(("loss", "grad query", "grad key", "grad logit_scale"), got, want):
+        assert x.dtype == torch.float32, name
+        assert torch.isfinite(x).all(), name
+        atol = rtol * max(1.0, y.abs().max().item())
+        torch.testing.assert_close(x.double(), y, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_info_nce_fp16_vs_reference():
+    n, m, d = 24, 40, 48
+    g = torch.Generator().manual_seed(7)
+    q0 = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).half().to(DEVICE)
+    k0 = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1).half().to(DEVICE)
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    loss = xloss.info_nce(q, k, logit_scale=SCALE, label_smoothing=0.1, backend="triton")
+    loss.backward()
+    qd, kd = q0.double().requires_grad_(), k0.double().requires_grad_()
+    ref = xloss.info_nce(qd, kd, logit_scale=SCALE, label_smoothing=0.1, backend="reference")
+    ref.backward()
+    assert loss.dtype == torch.float32 and q.grad.dtype == torch.float16
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=5e-3 * want.abs().max().item())
