@@ -47,6 +47,16 @@ def _inputs(n, m, d, dtype, seed=0):
     return q.to(DEVICE), k.to(DEVICE), a.to(DEVICE), w.to(DEVICE)
 
 
+def _ref_stats(q, k, scale):
+    """fp64 split statistics ``[2, N]``, ``[2, M]``: (max, log Σ exp(z - max)) over each row / column."""
+    z = scale * q.double() @ k.double().T
+    out = []
+    for dim in (1, 0):
+        mx = z.amax(dim)
+        out.append(torch.stack((mx, torch.logsumexp(z - mx.unsqueeze(dim), dim))))
+    return out[0], out[1]
+
+
 def _ref_lse(q, k, scale):
     z = scale * q.double() @ k.double().T
     return torch.logsumexp(z, 1), torch.logsumexp(z, 0)
@@ -74,6 +84,19 @@ def _close(got, want, dtype, what):
     assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} (max |want| {mag:.3g})"
 
 
+def _check_stats(got, q, k, scale, dtype, what):
+    """``got`` ``[2, L]`` against fp64: the max, the relative log-sum and their sum (the LSE)."""
+    want_r, want_c = _ref_stats(q, k, scale)
+    want = want_r if what == "row" else want_c
+    assert got.shape == want.shape and got.dtype == torch.float32, what
+    _close(got[0], want[0], dtype, f"{what} max")
+    _close(got[1], want[1], dtype, f"{what} log-sum")
+    _close(got[0] + got[1], want[0] + want[1], dtype, f"{what} LSE")
+    # log Σ exp(z - max) has the term exp(0) = 1 and one term per column (row) of z.
+    terms = k.shape[0] if what == "row" else q.shape[0]
+    assert (got[1] >= -1e-6).all() and (got[1] <= torch.log(torch.tensor(float(terms))) + 1e-5).all(), what
+
+
 # ------------------------------------------------------------------------------------------- raw launchers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -81,14 +104,35 @@ def test_lse(shape, dtype):
     n, m, d = shape
     q, k, _, _ = _inputs(n, m, d, dtype)
     scale = torch.tensor(SCALE, device=DEVICE)
-    want_r, want_c = _ref_lse(q, k, SCALE)
-    lse_r, lse_c = tri.lse(q, k, scale, True)
-    assert lse_r.shape == (n,) and lse_c.shape == (m,)
-    _close(lse_r, want_r, torch.float32, "lse_r")  # forward: products of half inputs are exact in fp32
-    _close(lse_c, want_c, torch.float32, "lse_c")
-    lse_r1, none = tri.lse(q, k, scale, False)
+    row, col = tri.lse(q, k, scale, True)
+    assert row.shape == (2, n) and col.shape == (2, m)
+    # forward: products of half inputs are exact in fp32, so fp32 tolerances
+    _check_stats(row, q, k, SCALE, torch.float32, "row")
+    _check_stats(col, q, k, SCALE, torch.float32, "col")
+    row1, none = tri.lse(q, k, scale, False)
     assert none is None
-    torch.testing.assert_close(lse_r1, lse_r, rtol=0, atol=0)
+    torch.testing.assert_close(row1, row, rtol=0, atol=0)
+
+
+def test_merge_partials():
+    """``_merge`` is the exact logsumexp merge, and -inf partial maxes (fully masked partials) give no NaN."""
+    g = torch.Generator().manual_seed(9)
+    z = 30 * torch.randn(5, 3, 11, generator=g, dtype=torch.float64)  # 5 partials of 3 entries over 11 terms
+    pmax = z.amax(2)
+    psum = torch.exp(z - pmax[..., None]).sum(2)
+    got = tri._merge(pmax, psum)
+    want = torch.logsumexp(z.permute(1, 0, 2).reshape(3, -1), 1)
+    torch.testing.assert_close(got[0], pmax.amax(0), rtol=0, atol=0)
+    torch.testing.assert_close(got[0] + got[1], want, rtol=1e-12, atol=0)
+    inf = float("-inf")
+    pmax = torch.tensor([[inf, 1.0, inf], [2.0, 3.0, inf]])
+    psum = torch.tensor([[0.0, 1.0, 0.0], [1.0, 2.0, 0.0]])
+    got = tri._merge(pmax, psum)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got[:, 0], torch.tensor([2.0, 0.0]))  # the -inf partial contributes nothing
+    want = torch.logaddexp(torch.tensor(1.0), torch.tensor(3.0) + torch.log(torch.tensor(2.0)))
+    torch.testing.assert_close(got[0, 1] + got[1, 1], want)
+    assert got[0, 2] == inf and got[1, 2] == inf  # nothing at all: LSE -inf, still no NaN
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "one-way"])
@@ -99,12 +143,33 @@ def test_grad(shape, dtype, symmetric):
     q, k, a, w = _inputs(n, m, d, dtype, seed=1)
     w = w if symmetric else None
     scale = torch.tensor(SCALE, device=DEVICE)
-    want_r, want_c = _ref_lse(q, k, SCALE)
+    want_r, want_c = _ref_stats(q, k, SCALE)
     dq_want, dk_want = _ref_grad(q, k, SCALE, a, w)
     dq, dk = tri.grad(q, k, scale, want_r.float(), want_c.float() if symmetric else None, a, w)
     assert dq.shape == (n, d) and dk.shape == (m, d)
     _close(dq, dq_want, dtype, "dq")
     _close(dk, dk_want, dtype, "dk")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grad_zero_and_negative_weights(dtype):
+    """Zero weights (shift +inf, sign 0) contribute exactly 0 without NaN; all-zero weights give zeros."""
+    n, m, d = 40, 70, 40
+    q, k, a, w = _inputs(n, m, d, dtype, seed=10)
+    a[::3] = 0.0
+    w[1::4] = 0.0
+    w[::5] = -w[::5].abs()
+    a[1::5] = -a[1::5].abs()
+    scale = torch.tensor(SCALE, device=DEVICE)
+    row, col = tri.lse(q, k, scale, True)
+    for ww, cc in ((w, col), (None, None)):
+        dq_want, dk_want = _ref_grad(q, k, SCALE, a, ww)
+        dq, dk = tri.grad(q, k, scale, row, cc, a, ww)
+        _close(dq, dq_want, dtype, "dq")
+        _close(dk, dk_want, dtype, "dk")
+    zero_a, zero_w = torch.zeros_like(a), torch.zeros_like(w)
+    dq, dk = tri.grad(q, k, scale, row, col, zero_a, zero_w)
+    assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
 
 
 def test_large_scale_and_strided_inputs():
@@ -115,11 +180,12 @@ def test_large_scale_and_strided_inputs():
     q_strided.copy_(q)
     k_cols = k.T.contiguous().T  # stride along D != 1: the launcher copies it
     scale = torch.tensor(100.0, device=DEVICE)
-    want_r, want_c = _ref_lse(q, k, 100.0)
-    lse_r, lse_c = tri.lse(q_strided, k_cols, scale, True)
-    _close(lse_r, want_r, torch.float32, "lse_r")
-    _close(lse_c, want_c, torch.float32, "lse_c")
-    dq, dk = tri.grad(q_strided, k_cols, scale, lse_r, lse_c, a, w)
+    row, col = tri.lse(q_strided, k_cols, scale, True)
+    # |z| ~ 100: logit rounding ~|z|·eps, i.e. an absolute tolerance on the max and the LSE
+    want_r, want_c = _ref_stats(q, k, 100.0)
+    for got, want in ((row, want_r), (col, want_c)):
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=0, atol=5e-5)
+    dq, dk = tri.grad(q_strided, k_cols, scale, row, col, a, w)
     dq_want, dk_want = _ref_grad(q, k, 100.0, a, w)
     # Scale 100 amplifies the fp32 logit rounding (|z| ~ 100) into the softmax: a looser relative tolerance.
     torch.testing.assert_close(dq.double().cpu(), dq_want.cpu(), rtol=0, atol=5e-4 * dq_want.abs().max().item())
@@ -128,7 +194,7 @@ def test_large_scale_and_strided_inputs():
 
 @pytest.mark.parametrize("d", [8, 40], ids=["single-D", "D-loop"])
 def test_all_logits_very_negative(d):
-    """Every z ≈ -200: exp(0 - LSE) overflows fp32 at out-of-range tile entries, which must not leak NaN."""
+    """Every z ≈ -200: out-of-range tile entries (z = 0 read) must not overflow into NaN."""
     n, m = 7, 40
     g = torch.Generator().manual_seed(8)
     e = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
@@ -138,10 +204,10 @@ def test_all_logits_very_negative(d):
     scale = torch.tensor(200.0, device=DEVICE)
     want_r, want_c = _ref_lse(q, k, 200.0)
     assert want_r.max() < -120 and want_c.max() < -120
-    lse_r, lse_c = tri.lse(q, k, scale, True)
-    torch.testing.assert_close(lse_r.double().cpu(), want_r.cpu(), rtol=1e-5, atol=0)
-    torch.testing.assert_close(lse_c.double().cpu(), want_c.cpu(), rtol=1e-5, atol=0)
-    dq, dk = tri.grad(q, k, scale, lse_r, lse_c, a, w)
+    row, col = tri.lse(q, k, scale, True)
+    torch.testing.assert_close((row[0] + row[1]).double().cpu(), want_r.cpu(), rtol=1e-5, atol=0)
+    torch.testing.assert_close((col[0] + col[1]).double().cpu(), want_c.cpu(), rtol=1e-5, atol=0)
+    dq, dk = tri.grad(q, k, scale, row, col, a, w)
     dq_want, dk_want = _ref_grad(q, k, 200.0, a, w)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
     torch.testing.assert_close(dq.double().cpu(), dq_want.cpu(), rtol=0, atol=5e-4 * dq_want.abs().max().item())
@@ -154,16 +220,16 @@ def test_deterministic_mode(shape, monkeypatch):
     n, m, d = shape
     q, k, a, w = _inputs(n, m, d, torch.float32, seed=3)
     scale = torch.tensor(SCALE, device=DEVICE)
-    lse_r, lse_c = tri.lse(q, k, scale, True)
-    for ww, lc in ((w, lse_c), (None, None)):
-        dq_atomic, dk_atomic = tri.grad(q, k, scale, lse_r, lc, a, ww)
+    row, col = tri.lse(q, k, scale, True)
+    for ww, cc in ((w, col), (None, None)):
+        dq_atomic, dk_atomic = tri.grad(q, k, scale, row, cc, a, ww)
         monkeypatch.setenv("XLOSS_DETERMINISTIC", "1")
-        dq_det, dk_det = tri.grad(q, k, scale, lse_r, lc, a, ww)
+        dq_det, dk_det = tri.grad(q, k, scale, row, cc, a, ww)
         monkeypatch.delenv("XLOSS_DETERMINISTIC")
         was = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
-            dq_det2, dk_det2 = tri.grad(q, k, scale, lse_r, lc, a, ww)
+            dq_det2, dk_det2 = tri.grad(q, k, scale, row, cc, a, ww)
         finally:
             torch.use_deterministic_algorithms(was)
         torch.testing.assert_close(dq_det, dq_atomic, rtol=1e-5, atol=1e-6)
@@ -177,12 +243,11 @@ def test_no_column_split(monkeypatch):
     n, m, d = 7, 70, 40
     q, k, a, w = _inputs(n, m, d, torch.float32, seed=4)
     scale = torch.tensor(SCALE, device=DEVICE)
-    want_r, want_c = _ref_lse(q, k, SCALE)
-    lse_r, lse_c = tri.lse(q, k, scale, True)
-    _close(lse_r, want_r, torch.float32, "lse_r")
-    _close(lse_c, want_c, torch.float32, "lse_c")
+    row, col = tri.lse(q, k, scale, True)
+    _check_stats(row, q, k, SCALE, torch.float32, "row")
+    _check_stats(col, q, k, SCALE, torch.float32, "col")
     dq_want, dk_want = _ref_grad(q, k, SCALE, a, w)
-    dq, dk = tri.grad(q, k, scale, lse_r, lse_c, a, w)
+    dq, dk = tri.grad(q, k, scale, row, col, a, w)
     _close(dq, dq_want, torch.float32, "dq")
     _close(dk, dk_want, torch.float32, "dk")
 
@@ -197,12 +262,11 @@ def test_float64_is_rejected():
 def test_bf16_gpu():
     q, k, a, w = _inputs(129, 257, 96, torch.bfloat16, seed=5)
     scale = torch.tensor(SCALE, device=DEVICE)
-    want_r, want_c = _ref_lse(q, k, SCALE)
-    lse_r, lse_c = tri.lse(q, k, scale, True)
-    _close(lse_r, want_r, torch.float32, "lse_r")
-    _close(lse_c, want_c, torch.float32, "lse_c")
+    row, col = tri.lse(q, k, scale, True)
+    _check_stats(row, q, k, SCALE, torch.float32, "row")
+    _check_stats(col, q, k, SCALE, torch.float32, "col")
     dq_want, dk_want = _ref_grad(q, k, SCALE, a, w)
-    dq, dk = tri.grad(q, k, scale, lse_r, lse_c, a, w)
+    dq, dk = tri.grad(q, k, scale, row, col, a, w)
     _close(dq, dq_want, torch.bfloat16, "dq")
     _close(dk, dk_want, torch.bfloat16, "dk")
 
@@ -261,3 +325,46 @@ def test_info_nce_fp16_vs_reference():
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-4, atol=1e-4)
     for got, want in ((q.grad, qd.grad), (k.grad, kd.grad)):
         torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=5e-3 * want.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------- precision
+PRECISION_CASES = {
+    # name: (N, D, logit scale, feature norm, spread of the features around a common direction)
+    # Clustered unit features at CLIP's scale: the positive dominates each row by a margin of ~5-15, so the
+    # gradient P - onehot is a strong cancellation (1 - P_ii from ~1e-10 to ~0.1) that exposes any |z|·eps
+    # error in the softmax entries (as exp(z - lse) with one fp32 LSE of size |z| had: 20-300× here).
+    "scale-100-peaked": (64, 32, 100.0, 1.0, 0.1),
+    "scale-100": (100, 32, 100.0, 1.0, 0.06),
+    # Unnormalised features (norm 30) with scale 1: logits up to ~900.
+    "features-x30-peaked": (64, 32, 1.0, 30.0, 0.03),
+    "features-x30": (100, 32, 1.0, 30.0, 0.02),
+}
+
+
+@pytest.mark.parametrize("case", list(PRECISION_CASES), ids=list(PRECISION_CASES))
+def test_fp32_gradient_precision_vs_naive(case):
+    """fp32 gradients of the triton path are as accurate as naive fp32 PyTorch (log_softmax), vs fp64."""
+    n, d, scale, norm, spread = PRECISION_CASES[case]
+    g = torch.Generator().manual_seed(11)
+    e = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    q0 = norm * torch.nn.functional.normalize(e + spread * torch.randn(n, d, generator=g), dim=1)
+    k0 = norm * torch.nn.functional.normalize(q0 + 0.2 * spread * torch.randn(n, d, generator=g), dim=1)
+
+    def grads(dtype, backend):
+        q = q0.to(device=DEVICE, dtype=dtype).clone().requires_grad_()
+        k = k0.to(device=DEVICE, dtype=dtype).clone().requires_grad_()
+        xloss.info_nce(q, k, logit_scale=scale, backend=backend).backward()
+        return q.grad, k.grad
+
+    exact = grads(torch.float64, "reference")
+    naive = grads(torch.float32, "reference")
+    got = grads(torch.float32, "triton")
+    for name, x, y, want in zip(("grad query", "grad key"), got, naive, exact):
+        want = want.cpu()
+        err = (x.double().cpu() - want).abs().max().item()
+        err_naive = (y.double().cpu() - want).abs().max().item()
+        slack = 1e-6 * want.abs().max().item()
+        assert err <= 3 * err_naive + slack, (
+            f"{name}: triton fp32 error {err:.3g} vs naive fp32 error {err_naive:.3g} (max |grad| "
+            f"{want.abs().max().item():.3g})"
+        )

@@ -5,22 +5,36 @@ everything else):
 
 * ``lse(q, k, scale, need_cols)``: ``_lse_kernel``, one sweep.  A program owns ``BLOCK_M`` rows and walks the
   column blocks of its column split, computing each ``BLOCK_M × BLOCK_N`` logit tile with ``tl.dot`` over
-  ``BLOCK_D`` chunks of D.  It keeps an online (running max, running sum) row LSE and writes one partial
-  column LSE per (row block, column) to an fp32 buffer ``[num_row_blocks, M]``: every program writes its own
-  row of that buffer, so there are no races and no atomics; ``torch.logsumexp(partial, 0)`` finishes it.
-* ``grad(q, k, scale, lse_r, lse_c, a, w)``: ``_grad_kernel``, one recomputing sweep.  A program recomputes
-  each tile, forms ``P = a_i·exp(z - lse_r_i) + w_j·exp(z - lse_c_j)`` in registers and accumulates
-  ``dq_u = P k`` for its own rows and ``dk_u = Pᵀ q`` with ``tl.atomic_add``.
+  ``BLOCK_D`` chunks of D.  It keeps online row statistics (running max of z, running Σ exp(z - max)) and
+  writes one partial column max and sum per (row block, column) to fp32 buffers ``[num_row_blocks, M]``:
+  every program writes its own row of those buffers, so there are no races and no atomics; ``_merge``
+  finishes them exactly (``max = max_b pmax_b``, ``sum = Σ_b psum_b·exp(pmax_b - max)``).  The result stays
+  split, ``row [2, N] = (max_j z_ij, log Σ_j exp(z_ij - max))``, in natural-log units, and ``col [2, M]``.
+* ``grad(q, k, scale, row, col, a, w)``: ``_grad_kernel``, one recomputing sweep.  A program recomputes
+  each tile, forms ``P = a_i·exp((z - m_i) - ls_i) + w_j·exp((z - m_j) - ls_j)`` in registers and
+  accumulates ``dq_u = P k`` for its own rows and ``dk_u = Pᵀ q`` with ``tl.atomic_add``.
+
+Why split statistics: a softmax entry formed as ``exp(z - lse)`` with ``lse`` one fp32 number of size |z|
+(~100 at CLIP's logit scale) carries an error of |z|·eps in every entry, which the cancellation
+``P - onehot`` of the InfoNCE gradient turns into gradients 6-800× less accurate than PyTorch's
+``log_softmax`` (which computes ``(z - max) - log Σ exp(z - max)``).  So both kernels work with
+``z = dot·scale`` in natural units (the backward recomputes the same z, with the same D chunks, as the
+forward), subtract the max first, and only the small difference goes to the base-2 domain:
+``exp2((z - m)·log2 e)``; a |z|-sized number times log2 e never appears.  The backward folds the weight in as
+``a_i·exp((z - m) - ls) = sign(a_i)·exp((z - m) - shift_i)``, ``shift_i = ls_i - log|a_i|`` (a zero weight:
+shift +inf, sign 0, exactly 0), after dividing all weights by an exact power of two ``c`` with
+``max |weight| / c`` in (1/2, 1] so that ``log|a_i|`` is ~0 (uniform weights give exactly 0) and its
+rounding adds nothing to the exponent; the outputs are multiplied by ``c``.
 
 Column splits: a grid over row blocks alone has only ``N / BLOCK_M`` programs (32 for N = 4096), too few for
 an H100's 132 SMs, so the launchers also split the columns into ``split`` contiguous ranges (grid axis 1)
-when the row blocks alone cannot fill the GPU.  The forward then also writes partial row LSEs
-``[split, N]`` (merged with ``torch.logsumexp``), and the backward adds its ``dq`` rows with atomics.
+when the row blocks alone cannot fill the GPU.  The forward then also writes partial row statistics
+``[split, N]`` (merged by ``_merge``), and the backward adds its ``dq`` rows with atomics.
 
 Deterministic mode (``torch.are_deterministic_algorithms_enabled()`` or ``XLOSS_DETERMINISTIC=1``): the
 atomic backward sums in a run-dependent order, so instead the backward launches ``_grad_kernel`` twice
 without atomics and without column splits: once over row blocks for ``dq`` (plain read-add-store), once with
-the roles of q and k swapped (``Pᵀ`` has the same form with ``(k, lse_c, w)`` as rows and ``(q, lse_r, a)``
+the roles of q and k swapped (``Pᵀ`` has the same form with ``(k, col, w)`` as rows and ``(q, row, a)``
 as columns) over key blocks for ``dk``.  Cost: 2 recompute sweeps instead of 1, i.e. the backward does
 ``2·2NMD`` (logits twice) + ``2·2NMD`` (dq, dk) = ``8·NMD`` FLOPs instead of ``6·NMD``, and each launch has
 only ``N / BLOCK_M`` (resp. ``M / BLOCK_M``) programs.  The forward is deterministic in both modes.
@@ -28,8 +42,8 @@ only ``N / BLOCK_M`` (resp. ``M / BLOCK_M``) programs.  The forward is determini
 Precision: inputs are loaded in their dtype (fp32/fp16/bf16) and every dot accumulates in fp32; LSE
 statistics, P before its cast, and the outputs are fp32.  For fp16/bf16 inputs ``P`` is cast to the input
 dtype before the two gradient dots (as flash attention does: tensor-core dots, the same rounding as a
-naive half-precision backward); to keep the fp16 range, the weights ``a``, ``w`` are first divided by a power
-of two ``c ≥ max|a|, |w|`` (exact) and the outputs multiplied back.  fp32 inputs use IEEE fp32 dots when
+naive half-precision backward); the power-of-two rescale of the weights above also keeps P in fp16's
+range (``a_i ~ 1/N`` would underflow).  fp32 inputs use IEEE fp32 dots when
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default) and TF32 otherwise.  float64 is not
 supported (TypeError): use the "cpu" backend for it.
 
@@ -64,9 +78,11 @@ else:
     BWD_CONFIG = (64, 64, 64, 8, 2)
     SINGLE_D_MAX = 128
     TARGET_PROGRAMS = None  # None: 2 programs per SM of the current GPU
+# The backward must recompute the forward's logits bit for bit where it can (the statistics are relative to
+# the forward's max): the same D chunking in both sweeps.
+assert FWD_CONFIG[2] == BWD_CONFIG[2]
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x·log2 e): exp2 is the native instruction
-_LN2 = tl.constexpr(0.6931471805599453)
 
 # ------------------------------------------------------------------------------------------------- kernels
 
@@ -96,8 +112,8 @@ def _qk_tile(
 def _lse_kernel(
     q_ptr, k_ptr,  # [N, D], [M, D] fp32/fp16/bf16, unit stride along D
     scale_ptr,  # [] fp32: the logit scale, read on the device (no host sync)
-    part_r_ptr,  # [split, N] fp32 out: row LSE over the columns of each split
-    part_c_ptr,  # [cdiv(N, BLOCK_M), M] fp32 out: column LSE over the rows of each row block (NEED_COLS)
+    pmax_r_ptr, psum_r_ptr,  # [split, N] fp32 out: row max of z, Σ exp(z - max), over each split's columns
+    pmax_c_ptr, psum_c_ptr,  # [cdiv(N, BLOCK_M), M] fp32 out: the same per column, per row block (NEED_COLS)
     N, M, D, stride_qn, stride_kn,
     cols_per_split,  # columns per split, a multiple of BLOCK_N
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -105,18 +121,19 @@ def _lse_kernel(
     NEED_COLS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    # grid: (cdiv(N, BLOCK_M), split).  All LSE arithmetic is in base 2 (z2 = z·log2 e), converted back at the end.
+    # grid: (cdiv(N, BLOCK_M), split).  Logits and maxes are in natural units, z = dot·scale exactly as
+    # _grad_kernel recomputes them; only differences z - max (small where it matters) go to base 2.
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
     row_ok = offs_m < N
-    scale2 = tl.load(scale_ptr).to(tl.float32) * _LOG2E
+    scale = tl.load(scale_ptr).to(tl.float32)
     if SINGLE_D:
         offs_d = tl.arange(0, BLOCK_D)
         q_blk = tl.load(q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :],
                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of z2 over the columns seen
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running Σ exp2(z2 - m_i)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of z over the columns seen
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running Σ exp(z - m_i)
     n_lo = pid_s * cols_per_split
     n_hi = tl.minimum(n_lo + cols_per_split, M)
     for start_n in range(n_lo, n_hi, BLOCK_N):
@@ -129,52 +146,58 @@ def _lse_kernel(
         else:
             dots = _qk_tile(q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_qn, stride_kn,
                             BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-        z2 = dots * scale2  # [BLOCK_M, BLOCK_N]; masked rows/cols read zeros, so every entry is finite
-        # Row LSE: invalid columns are -inf.  Every tile has >= 1 valid column, so the new max is finite and
-        # exp2(m_i - m_new) never sees -inf - (-inf).
-        z_r = tl.where(col_ok[None, :], z2, float("-inf"))
+        z = dots * scale  # [BLOCK_M, BLOCK_N]; masked rows/cols read zeros, so every entry is finite
+        # Row statistics: invalid columns are -inf.  Every tile has >= 1 valid column, so the new max is
+        # finite and exp2((m_i - m_new)·log2 e) never sees -inf - (-inf) (first tile: exp2(-inf) = 0).
+        z_r = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z_r, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z_r - m_new[:, None]), 1)
+        l_i = l_i * tl.exp2((m_i - m_new) * _LOG2E) + tl.sum(tl.exp2((z_r - m_new[:, None]) * _LOG2E), 1)
         m_i = m_new
         if NEED_COLS:
-            # Column LSE of this row block: invalid rows are -inf; every tile has >= 1 valid row.
-            z_c = tl.where(row_ok[:, None], z2, float("-inf"))
+            # Column statistics of this row block: invalid rows are -inf; every tile has >= 1 valid row.
+            z_c = tl.where(row_ok[:, None], z, float("-inf"))
             c_max = tl.max(z_c, 0)  # [BLOCK_N]
-            c_sum = tl.sum(tl.exp2(z_c - c_max[None, :]), 0)
-            tl.store(part_c_ptr + pid_m * M + offs_n, (c_max + tl.log2(c_sum)) * _LN2, mask=col_ok)
-    tl.store(part_r_ptr + pid_s * N + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=row_ok)
+            c_sum = tl.sum(tl.exp2((z_c - c_max[None, :]) * _LOG2E), 0)
+            tl.store(pmax_c_ptr + pid_m * M + offs_n, c_max, mask=col_ok)
+            tl.store(psum_c_ptr + pid_m * M + offs_n, c_sum, mask=col_ok)
+    tl.store(pmax_r_ptr + pid_s * N + offs_m, m_i, mask=row_ok)
+    tl.store(psum_r_ptr + pid_s * N + offs_m, l_i, mask=row_ok)
 
 
 @triton.jit
 def _grad_kernel(
     q_ptr, k_ptr,  # [N, D] "rows", [M, D] "columns" (swapped for the dk launch of the deterministic mode)
     scale_ptr,  # [] fp32
-    lse_r_ptr, a_ptr,  # [N] fp32: row LSE and row-softmax weight (ROW_TERM)
-    lse_c_ptr, w_ptr,  # [M] fp32: column LSE and column-softmax weight (COL_TERM)
+    st_r_ptr,  # [3, N] fp32 (ROW_TERM): per row m_i, shift_i = log Σ_j exp(z_ij - m_i) - log|a_i|, sign(a_i)
+    st_c_ptr,  # [3, M] fp32: the same per column, with the column-softmax weight w_j (COL_TERM)
     dq_ptr,  # [N, D] fp32 in/out (contiguous, zero-initialised): += P k
     dk_ptr,  # [M, D] fp32 in/out (contiguous, zero-initialised): += Pᵀ q with atomics (COMPUTE_DK)
     N, M, D, stride_qn, stride_kn,
     cols_per_split,  # columns per split, a multiple of BLOCK_N
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr,  # D <= BLOCK_D: q block and dq accumulator stay in registers
-    ROW_TERM: tl.constexpr,  # P has the a_i·exp(z - lse_r_i) part
-    COL_TERM: tl.constexpr,  # P has the w_j·exp(z - lse_c_j) part
+    ROW_TERM: tl.constexpr,  # P has the a_i·exp((z - m_i) - ls_i) part
+    COL_TERM: tl.constexpr,  # P has the w_j·exp((z - m_j) - ls_j) part
     COMPUTE_DK: tl.constexpr,  # also atomically accumulate dk (the default, one-sweep backward)
     DQ_ATOMIC: tl.constexpr,  # several programs (column splits) share these dq rows
     INPUT_PRECISION: tl.constexpr,
 ):
-    # grid: (cdiv(N, BLOCK_M), split).  P_ij = a_i·exp2(z2_ij - lse2_r_i) + w_j·exp2(z2_ij - lse2_c_j) in base 2.
+    # grid: (cdiv(N, BLOCK_M), split).  P_ij = sign_i·exp2((z_ij - m_i)·log2 e - shift_i·log2 e) + (same per
+    # column j), with z = dot·scale in natural units as in _lse_kernel: the max is subtracted first, so the
+    # exponent is small wherever P is not negligible and no |z|-sized number reaches exp2.
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
     row_ok = offs_m < N
     offs_d = tl.arange(0, BLOCK_D)
-    scale2 = tl.load(scale_ptr).to(tl.float32) * _LOG2E
-    lse2_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a = tl.zeros([BLOCK_M], dtype=tl.float32)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    max_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+    shift2_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sign_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ROW_TERM:
-        lse2_r = tl.load(lse_r_ptr + offs_m, mask=row_ok, other=0.0) * _LOG2E
-        a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0)
+        max_r = tl.load(st_r_ptr + offs_m, mask=row_ok, other=0.0)
+        shift2_r = tl.load(st_r_ptr + N + offs_m, mask=row_ok, other=0.0) * _LOG2E  # +inf where a_i = 0
+        sign_r = tl.load(st_r_ptr + N + N + offs_m, mask=row_ok, other=0.0)
     if SINGLE_D:
         d_ok = offs_d < D
         q_blk = tl.load(q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :],
@@ -192,16 +215,18 @@ def _grad_kernel(
         else:
             dots = _qk_tile(q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_qn, stride_kn,
                             BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-        # Out-of-range entries read zeros (z = 0), and exp(0 - LSE) overflows when every logit is below -88:
-        # make them -inf so that both exponentials give exactly 0 there (else inf·0 = NaN in the dots below).
-        z2 = tl.where(row_ok[:, None] & col_ok[None, :], dots * scale2, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        # Out-of-range entries read zeros (z = 0) and their max/shift read 0, so exp(z - max) would be
+        # exp(0) (and overflow for a far-away max): make them -inf so that both exponentials give exactly 0
+        # there (else inf·0 = NaN in the dots below).  A zero weight has shift +inf: exp2(-inf)·0 = 0.
+        z = tl.where(row_ok[:, None] & col_ok[None, :], dots * scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
         p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ROW_TERM:
-            p += a[:, None] * tl.exp2(z2 - lse2_r[:, None])
+            p += sign_r[:, None] * tl.exp2((z - max_r[:, None]) * _LOG2E - shift2_r[:, None])
         if COL_TERM:
-            lse2_c = tl.load(lse_c_ptr + offs_n, mask=col_ok, other=0.0) * _LOG2E
-            w = tl.load(w_ptr + offs_n, mask=col_ok, other=0.0)
-            p += w[None, :] * tl.exp2(z2 - lse2_c[None, :])
+            max_c = tl.load(st_c_ptr + offs_n, mask=col_ok, other=0.0)
+            shift2_c = tl.load(st_c_ptr + M + offs_n, mask=col_ok, other=0.0) * _LOG2E
+            sign_c = tl.load(st_c_ptr + M + M + offs_n, mask=col_ok, other=0.0)
+            p += sign_c[None, :] * tl.exp2((z - max_c[None, :]) * _LOG2E - shift2_c[None, :])
         p_in = p.to(q_ptr.dtype.element_ty)  # half inputs: half P for tensor-core dots (fp32 stays fp32)
         if SINGLE_D:
             dq_acc += tl.dot(p_in, k_blk, input_precision=INPUT_PRECISION)
@@ -293,16 +318,33 @@ def _deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("XLOSS_DETERMINISTIC", "0") not in ("", "0")
 
 
+def _merge(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
+    """Exact merge of partials ``[B, L]`` (max, Σ exp(z - max)) into ``[2, L]`` (max, log Σ exp(z - max)).
+
+    ``max = max_b pmax_b`` and ``Σ_b psum_b·exp(pmax_b - max)``: only differences of maxes reach ``exp``.
+    A non-finite max (a fully masked partial set, which the launchers never produce, or non-finite logits)
+    is replaced by 0 as the subtrahend so that no ``-inf - (-inf)`` NaN appears; such partials contribute 0.
+    """
+    if pmax.shape[0] == 1:
+        return torch.stack((pmax[0], torch.log(psum[0])))
+    mx = pmax.amax(0)
+    ref = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    total = (psum * torch.exp(pmax - ref)).sum(0)
+    return torch.stack((mx, torch.log(total)))
+
+
 def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
-    """Row and (optionally) column log-sum-exp of ``z = scale · q kᵀ``, one fused sweep.
+    """Split log-sum-exp statistics of ``z = scale · q kᵀ`` over rows and (optionally) columns, one sweep.
 
     Args:
         q: ``[N, D]``; k: ``[M, D]``: float32/float16/bfloat16, same dtype and device.
         scale: 0-dim tensor (read by the kernel from device memory).
-        need_cols: also return the column LSE (symmetric loss).
+        need_cols: also return the column statistics (symmetric loss).
 
     Returns:
-        ``lse_r [N]`` and ``lse_c [M]`` (or None), float32.
+        ``row [2, N]`` and ``col [2, M]`` (or None), float32, natural-log units: ``row[0, i] = max_j z_ij``
+        and ``row[1, i] = log Σ_j exp(z_ij - row[0, i])``; ``col`` the same over i.  The LSE is
+        ``row[0] + row[1]``.
     """
     q, k = _prepare(q, k)
     n, d = q.shape
@@ -311,25 +353,33 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
     block_d, single_d = _block_d(d, chunk)
     row_blocks, col_blocks = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
     split, cols_per_split = _split(row_blocks, col_blocks, block_n, q.device)
-    part_r = torch.empty(split, n, dtype=torch.float32, device=q.device)
-    part_c = torch.empty(row_blocks, m, dtype=torch.float32, device=q.device) if need_cols else part_r
+    part_r = torch.empty(2, split, n, dtype=torch.float32, device=q.device)  # [max, Σ exp(z - max)]
+    part_c = torch.empty(2, row_blocks, m, dtype=torch.float32, device=q.device) if need_cols else part_r
     _lse_kernel[(row_blocks, split)](
-        q, k, _scale_arg(scale, q.device), part_r, part_c,
+        q, k, _scale_arg(scale, q.device), part_r[0], part_r[1], part_c[0], part_c[1],
         n, m, d, q.stride(0), k.stride(0), cols_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d, NEED_COLS=need_cols,
         INPUT_PRECISION=_input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    lse_r = part_r[0] if split == 1 else torch.logsumexp(part_r, 0)
-    lse_c = None
-    if need_cols:
-        lse_c = part_c[0] if row_blocks == 1 else torch.logsumexp(part_c, 0)
-    return lse_r, lse_c
+    row = _merge(part_r[0], part_r[1])
+    col = _merge(part_c[0], part_c[1]) if need_cols else None
+    return row, col
 
 
-def _launch_grad(rows, cols, scale, lse_rows, w_rows, lse_cols, w_cols, d_rows, d_cols, atomic: bool):
+def _kernel_stats(stats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[3, L]`` fp32 for ``_grad_kernel``: max, ``shift = ls - log|weight|`` and ``sign(weight)``.
+
+    ``weight·exp((z - max) - ls) = sign·exp((z - max) - shift)``; a zero weight gives shift +inf and sign 0,
+    i.e. exactly 0 in the kernel.
+    """
+    return torch.stack((stats[0], stats[1] - torch.log(weight.abs()), torch.sign(weight)))
+
+
+def _launch_grad(rows, cols, scale, st_rows, st_cols, d_rows, d_cols, atomic: bool):
     """One ``_grad_kernel`` sweep over row blocks of ``rows``: ``d_rows += P cols`` (and ``d_cols += Pᵀ rows``).
 
-    ``w_rows``/``w_cols`` None drop that part of P; ``d_cols`` is used only when ``atomic``.
+    ``st_rows``/``st_cols``: ``[3, L]`` from ``_kernel_stats``, None drops that part of P; ``d_cols`` is used
+    only when ``atomic``.
     """
     n, d = rows.shape
     m = cols.shape[0]
@@ -337,12 +387,11 @@ def _launch_grad(rows, cols, scale, lse_rows, w_rows, lse_cols, w_cols, d_rows, 
     block_d, single_d = _block_d(d, chunk)
     row_blocks, col_blocks = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
     split, cols_per_split = _split(row_blocks, col_blocks, block_n, rows.device, allow=atomic)
-    row_term, col_term = w_rows is not None, w_cols is not None
+    row_term, col_term = st_rows is not None, st_cols is not None
     dummy = d_rows  # never read: its constexpr flag is off
     _grad_kernel[(row_blocks, split)](
         rows, cols, scale,
-        lse_rows if row_term else dummy, w_rows if row_term else dummy,
-        lse_cols if col_term else dummy, w_cols if col_term else dummy,
+        st_rows if row_term else dummy, st_cols if col_term else dummy,
         d_rows, d_cols if atomic else dummy,
         n, m, d, rows.stride(0), cols.stride(0), cols_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d,
@@ -351,46 +400,43 @@ def _launch_grad(rows, cols, scale, lse_rows, w_rows, lse_cols, w_cols, d_rows, 
     )
 
 
-def grad(q, k, scale, lse_r, lse_c, a, w):
+def grad(q, k, scale, row, col, a, w):
     """Unscaled gradient products of one recomputing sweep (two in deterministic mode).
 
     Args:
         q: ``[N, D]``; k: ``[M, D]``: float32/float16/bfloat16; scale: 0-dim tensor.
-        lse_r: ``[N]`` row LSE; lse_c: ``[M]`` column LSE or None (one-way loss).
+        row: ``[2, N]`` row statistics of ``lse`` (max, log Σ exp(z - max)); col: ``[2, M]`` or None, one-way.
         a: ``[N]`` weight of each row softmax; w: ``[M]`` weight of each column softmax, or None.
 
     Returns:
         ``dq_u = P k`` ``[N, D]`` and ``dk_u = Pᵀ q`` ``[M, D]``, float32, for
-        ``P_ij = a_i exp(z_ij - lse_r_i) + w_j exp(z_ij - lse_c_j)``.
+        ``P_ij = a_i exp((z_ij - row[0,i]) - row[1,i]) + w_j exp((z_ij - col[0,j]) - col[1,j])``.
     """
     q, k = _prepare(q, k)
     dev = q.device
-    cols = lse_c is not None
+    cols = col is not None
     f32 = {"dtype": torch.float32, "device": dev}
-    lse_r, a = lse_r.to(**f32).contiguous(), a.to(**f32).contiguous()
+    row, a = row.to(**f32), a.to(**f32)
     if cols:
-        lse_c, w = lse_c.to(**f32).contiguous(), w.to(**f32).contiguous()
-    else:
-        lse_c = w = None
-    c = None
-    if q.dtype != torch.float32:
-        # Half P: bring the weights to max |weight| <= 1 with an exact power-of-two factor, so that P's entries
-        # are probabilities-sized and do not underflow fp16 (a_i ~ 1/N would); undone on the outputs.
-        c = a.abs().amax() if not cols else torch.maximum(a.abs().amax(), w.abs().amax())
-        c = torch.where(c > 0, torch.exp2(torch.ceil(torch.log2(c))), torch.ones_like(c))
-        a = a / c
-        w = w / c if cols else None
+        col, w = col.to(**f32), w.to(**f32)
+    # Bring the weights to max |weight| in (1/2, 1] by an exact power-of-two factor c, undone on the outputs.
+    # Half inputs: P's entries are then probability-sized and do not underflow fp16 (a_i ~ 1/N would).  All
+    # dtypes: log|weight| in the shift is then near 0 for the largest weights (uniform a_i = 1/N gives
+    # log|a_i/c| = 0), so its rounding does not add log(N)·eps to the exponent where P ≈ 1.
+    c = a.abs().amax() if not cols else torch.maximum(a.abs().amax(), w.abs().amax())
+    c = torch.where((c > 0) & torch.isfinite(c), torch.exp2(torch.ceil(torch.log2(c))), torch.ones_like(c))
+    st_r = _kernel_stats(row, a / c)
+    st_c = _kernel_stats(col, w / c) if cols else None
     s = _scale_arg(scale, dev)
     n, d = q.shape
     m = k.shape[0]
     dq = torch.zeros(n, d, **f32)
     dk = torch.zeros(m, d, **f32)
     if _deterministic():
-        _launch_grad(q, k, s, lse_r, a, lse_c, w, dq, None, atomic=False)
-        _launch_grad(k, q, s, lse_c, w, lse_r, a, dk, None, atomic=False)  # Pᵀ: roles swapped
+        _launch_grad(q, k, s, st_r, st_c, dq, None, atomic=False)
+        _launch_grad(k, q, s, st_c, st_r, dk, None, atomic=False)  # Pᵀ: roles swapped
     else:
-        _launch_grad(q, k, s, lse_r, a, lse_c, w, dq, dk, atomic=True)
-    if c is not None:
-        dq.mul_(c)
-        dk.mul_(c)
+        _launch_grad(q, k, s, st_r, st_c, dq, dk, atomic=True)
+    dq.mul_(c)
+    dk.mul_(c)
     return dq, dk
