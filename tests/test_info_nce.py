@@ -340,13 +340,14 @@ def test_cpu_engine_primitives(monkeypatch, n, m, rows_mb):
     q, k, _ = make_inputs(n, m, 5, seed=n + 2 * m, dtype=torch.float64)
     s = torch.tensor(3.0, dtype=torch.float64)
     z = s * q @ k.T
-    row, col = _cpu.lse(q, k, s, True)
+    row, col, z_pos = _cpu.lse(q, k, s, True, torch.arange(n) % m)
+    assert_close64(z_pos, z[torch.arange(n), torch.arange(n) % m])
     assert row.shape == (2, n) and col.shape == (2, m)
     assert_close64(row[0], z.amax(1))
     assert_close64(col[0], z.amax(0))
     assert_close64(row[0] + row[1], torch.logsumexp(z, 1))
     assert_close64(col[0] + col[1], torch.logsumexp(z, 0))
-    row1, none = _cpu.lse(q, k, s, False)
+    row1, none, _ = _cpu.lse(q, k, s, False, torch.arange(n) % m)
     assert none is None
     assert_close64(row1, row)
     g = _gen(5)
@@ -363,7 +364,7 @@ def test_cpu_engine_primitives(monkeypatch, n, m, rows_mb):
     assert_close64(dq, a.abs()[:, None] * torch.softmax(z, 1) @ k)
     assert_close64(dk, (a.abs()[:, None] * torch.softmax(z, 1)).T @ q)
     # half inputs are computed in fp32
-    row_h, _ = _cpu.lse(q.half(), k.half(), s.float(), False)
+    row_h, _, _ = _cpu.lse(q.half(), k.half(), s.float(), False, torch.zeros(n, dtype=torch.long))
     assert row_h.dtype == torch.float32
     assert _cpu.accumulation_dtype(torch.bfloat16) == _cpu.accumulation_dtype(torch.float16) == torch.float32
     assert _cpu.accumulation_dtype(torch.float64) == torch.float64
@@ -759,3 +760,22 @@ def test_cpu_path_stores_nothing_n_by_m():
     loss = xloss.info_nce(q, k, logit_scale=SCALE, backend="cpu")
     saved = loss.grad_fn.saved_tensors
     assert all(t is None or t.numel() < n * m for t in saved)
+
+
+@pytest.mark.parametrize("case", ["scale100", "norm30"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fp32_peaked_loss_values_no_worse_than_naive(case, symmetric):
+    """Each query's positive is its most similar key: ``max - z_pos`` must be exactly 0 as in log_softmax,
+    so the fp32 per-query loss is as accurate as naive PyTorch's (the positive logit comes from the tiles)."""
+    g = _gen(21)
+    q = torch.nn.functional.normalize(torch.randn(64, 32, generator=g, dtype=torch.float64), dim=1)
+    k = torch.nn.functional.normalize(q + 0.3 * torch.randn(64, 32, generator=g, dtype=torch.float64), dim=1)
+    scale = 100.0
+    if case == "norm30":
+        q, k, scale = 30 * q, 30 * k, 1.0
+    opts = dict(logit_scale=scale, symmetric=symmetric, reduction="none")
+    exact = xloss.reference.info_nce(q, k, **opts)
+    fast = xloss.info_nce(q.float(), k.float(), backend="cpu", **opts).double()
+    naive = xloss.reference.info_nce(q.float(), k.float(), **opts).double()
+    naive_err = (naive - exact).abs().max()
+    assert (fast - exact).abs().max() <= 1.5 * naive_err + 1e-7 * exact.abs().max()

@@ -41,17 +41,16 @@ class InfoNCEFunction(torch.autograd.Function):
         n, m = q.shape[0], k.shape[0]
         eps = float(label_smoothing)
         s = scale.detach().to(acc)
-        row, col = engine.lse(q, k, s, symmetric)
+        # z_pos comes from the same tiles as the maxima, so max - z_pos is exactly 0 when the positive wins.
+        row, col, z_pos = engine.lse(q, k, s, symmetric, labels)
         qf, kf = q.to(acc), k.to(acc)
-        k_pos = kf[labels]  # [N, D] each query's positive key
-        z_pos = s * (qf * k_pos).sum(1)
         rows = (row[0] - z_pos) + row[1]  # LSE - z_pos, the max subtracted first (as log_softmax)
         if eps:
             rows = rows + eps * (z_pos - s * (qf @ kf.sum(0)) / m)  # ε(LSE - mean_j z_ij) - ε(LSE - z_pos)
         if symmetric:
             cols = (col[0, labels] - z_pos) + col[1, labels]
             if eps:
-                cols = cols + eps * (z_pos - s * (k_pos @ qf.sum(0)) / n)
+                cols = cols + eps * (z_pos - s * (kf[labels] @ qf.sum(0)) / n)
             terms = (rows + cols) / 2
         else:
             terms = rows

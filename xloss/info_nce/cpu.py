@@ -40,8 +40,8 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(accumulation_dtype(t.dtype)).contiguous()
 
 
-def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
-    """Row and (optionally) column log-sum-exp statistics of ``z = scale · q kᵀ``.
+def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, labels: torch.Tensor):
+    """Row and (optionally) column log-sum-exp statistics of ``z = scale · q kᵀ``, and the positive logits.
 
     The statistics are kept split, ``(max, log Σ exp(z - max))``, so that backward can form a softmax entry
     as ``exp((z - max) - logsum)`` as ``log_softmax`` does: one fp32 number of size |z| (the full LSE) would
@@ -50,10 +50,12 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
     Args:
         q: ``[N, D]``; k: ``[M, D]``; scale: 0-dim tensor.
         need_cols: also return the column statistics (symmetric loss).
+        labels: ``[N]`` long, each query's positive key.
 
     Returns:
-        ``row [2, N]`` and ``col [2, M]`` (or None): ``[0]`` the max, ``[1]`` the log-sum-exp relative to it,
-        in the accumulation dtype.
+        ``row [2, N]`` and ``col [2, M]`` (or None): ``[0]`` the max, ``[1]`` the log-sum-exp relative to it;
+        ``z_pos [N]``, ``z[i, labels[i]]`` read from the same strips (so that ``max - z_pos`` is exactly 0
+        when the positive is the max, as in ``log_softmax``); all in the accumulation dtype.
     """
     q, k = _upcast(q), _upcast(k)
     qs = q * scale.to(q.dtype)
@@ -61,6 +63,7 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
     rows = _strip_rows(n, m, q.element_size())
     kt = k.T
     row = torch.empty(2, n, dtype=q.dtype, device=q.device)
+    z_pos = torch.empty(n, dtype=q.dtype, device=q.device)
     if need_cols:
         col_max = torch.full((m,), float("-inf"), dtype=q.dtype, device=q.device)
         col_sum = torch.zeros(m, dtype=q.dtype, device=q.device)
@@ -70,6 +73,7 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
         i1 = min(n, i0 + rows)
         s, e = strip[: i1 - i0], work[: i1 - i0]
         torch.mm(qs[i0:i1], kt, out=s)
+        torch.gather(s, 1, labels[i0:i1, None], out=z_pos[i0:i1, None])
         r_max = torch.amax(s, 1, out=row[0, i0:i1])
         torch.sub(s, r_max[:, None], out=e).exp_()
         torch.sum(e, 1, out=row[1, i0:i1]).log_()
@@ -81,7 +85,7 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
             col_sum.mul_(torch.exp(col_max - new_max)).add_(e.sum(0) * torch.exp(t_max - new_max))
             col_max = new_max
     col = torch.stack([col_max, col_sum.log()]) if need_cols else None
-    return row, col
+    return row, col, z_pos
 
 
 def _shift_and_sign(stats: torch.Tensor, weight: torch.Tensor):
@@ -125,9 +129,14 @@ def grad(q, k, scale, row, col, a, w):
     qs = q * scale.to(acc)
     n, m = q.shape[0], k.shape[0]
     rows = _strip_rows(n, m, q.element_size())
-    r_max, r_shift, r_sign = _shift_and_sign(row.to(acc), a.to(acc))
+    # Divide the weights by their largest magnitude (multiplied back at the end): uniform weights such as
+    # 1/(2N) then give log|weight| = 0 exactly instead of a rounded log(2N) added to every exponent.
+    a, w = a.to(acc), (None if w is None else w.to(acc))
+    norm = a.abs().amax() if w is None else torch.maximum(a.abs().amax(), w.abs().amax())
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+    r_max, r_shift, r_sign = _shift_and_sign(row.to(acc), a / norm)
     if col is not None:
-        c_max, c_shift, c_sign = _shift_and_sign(col.to(acc), w.to(acc))
+        c_max, c_shift, c_sign = _shift_and_sign(col.to(acc), w / norm)
     kt = k.T
     dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)
     dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device)
@@ -143,4 +152,4 @@ def grad(q, k, scale, row, col, a, w):
             _add_softmax_part(p, s, c_max, c_shift, c_sign, accumulate=True)
         torch.mm(p, k, out=dq[i0:i1])
         dk.addmm_(p.T, q[i0:i1])
-    return dq, dk
+    return dq.mul_(norm), dk.mul_(norm)

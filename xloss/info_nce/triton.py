@@ -3,13 +3,19 @@
 Same two primitives, same signatures and meaning as ``cpu.py`` (the autograd Function in ``__init__`` does
 everything else):
 
-* ``lse(q, k, scale, need_cols)``: ``_lse_kernel``, one sweep.  A program owns ``BLOCK_M`` rows and walks the
-  column blocks of its column split, computing each ``BLOCK_M × BLOCK_N`` logit tile with ``tl.dot`` over
-  ``BLOCK_D`` chunks of D.  It keeps online row statistics (running max of z, running Σ exp(z - max)) and
-  writes one partial column max and sum per (row block, column) to fp32 buffers ``[num_row_blocks, M]``:
-  every program writes its own row of those buffers, so there are no races and no atomics; ``_merge``
-  finishes them exactly (``max = max_b pmax_b``, ``sum = Σ_b psum_b·exp(pmax_b - max)``).  The result stays
-  split, ``row [2, N] = (max_j z_ij, log Σ_j exp(z_ij - max))``, in natural-log units, and ``col [2, M]``.
+* ``lse(q, k, scale, need_cols, labels)``: ``_lse_kernel``, one sweep.  A program owns ``BLOCK_M`` rows and
+  walks the column blocks of its column split, computing each ``BLOCK_M × BLOCK_N`` logit tile with
+  ``tl.dot`` over ``BLOCK_D`` chunks of D.  It keeps online row statistics (running max of z, running
+  Σ exp(z - max)) and writes one partial column max and sum per (row block, column) to fp32 buffers
+  ``[num_row_blocks, M]``: every program writes its own row of those buffers, so there are no races and no
+  atomics; ``_merge`` finishes them exactly (``max = max_b pmax_b``, ``sum = Σ_b psum_b·exp(pmax_b - max)``).
+  The result stays split, ``row [2, N] = (max_j z_ij, log Σ_j exp(z_ij - max))``, in natural-log units, and
+  ``col [2, M]``.  The same sweep also picks each row's positive logit ``z_pos_i = z_{i, labels[i]}`` out of
+  the tile that holds it (``Σ_j [j = labels[i]]·z_ij``: one nonzero term, exact), i.e. the very value whose
+  max was taken, so that ``row_max_i - z_pos_i`` is exactly 0 when the positive is the row max (as in naive
+  PyTorch, which takes both from one logits matrix; a separately computed ``s·<q_i, k_{labels[i]}>`` sums in
+  another order and leaves |z|·eps there).  Each label lies in exactly one column split, whose program
+  stores it.
 * ``grad(q, k, scale, row, col, a, w)``: ``_grad_kernel``, one recomputing sweep.  A program recomputes
   each tile, forms ``P = a_i·exp((z - m_i) - ls_i) + w_j·exp((z - m_j) - ls_j)`` in registers and
   accumulates ``dq_u = P k`` for its own rows and ``dk_u = Pᵀ q`` with ``tl.atomic_add``.
@@ -114,6 +120,8 @@ def _lse_kernel(
     scale_ptr,  # [] fp32: the logit scale, read on the device (no host sync)
     pmax_r_ptr, psum_r_ptr,  # [split, N] fp32 out: row max of z, Σ exp(z - max), over each split's columns
     pmax_c_ptr, psum_c_ptr,  # [cdiv(N, BLOCK_M), M] fp32 out: the same per column, per row block (NEED_COLS)
+    labels_ptr,  # [N] int64: each row's positive column, in [0, M)
+    zpos_ptr,  # [N] fp32 out: z[i, labels[i]], stored by the program whose column range holds the label
     N, M, D, stride_qn, stride_kn,
     cols_per_split,  # columns per split, a multiple of BLOCK_N
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -128,12 +136,14 @@ def _lse_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
     row_ok = offs_m < N
     scale = tl.load(scale_ptr).to(tl.float32)
+    label = tl.load(labels_ptr + offs_m, mask=row_ok, other=-1).to(tl.int64)  # [BLOCK_M]; -1: no column
     if SINGLE_D:
         offs_d = tl.arange(0, BLOCK_D)
         q_blk = tl.load(q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :],
                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of z over the columns seen
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running Σ exp(z - m_i)
+    z_pos = tl.zeros([BLOCK_M], dtype=tl.float32)  # z[i, label_i] once its tile is seen (+0.0 terms: exact)
     n_lo = pid_s * cols_per_split
     n_hi = tl.minimum(n_lo + cols_per_split, M)
     for start_n in range(n_lo, n_hi, BLOCK_N):
@@ -153,6 +163,9 @@ def _lse_kernel(
         m_new = tl.maximum(m_i, tl.max(z_r, 1))
         l_i = l_i * tl.exp2((m_i - m_new) * _LOG2E) + tl.sum(tl.exp2((z_r - m_new[:, None]) * _LOG2E), 1)
         m_i = m_new
+        # The positive logit from the same z (its column is valid, so z_r holds the same value there): one
+        # tile holds it, every other term is +0.0, so the sums are exact and z_pos equals that entry.
+        z_pos += tl.sum(tl.where(offs_n[None, :] == label[:, None], z, 0.0), 1)
         if NEED_COLS:
             # Column statistics of this row block: invalid rows are -inf; every tile has >= 1 valid row.
             z_c = tl.where(row_ok[:, None], z, float("-inf"))
@@ -162,6 +175,8 @@ def _lse_kernel(
             tl.store(psum_c_ptr + pid_m * M + offs_n, c_sum, mask=col_ok)
     tl.store(pmax_r_ptr + pid_s * N + offs_m, m_i, mask=row_ok)
     tl.store(psum_r_ptr + pid_s * N + offs_m, l_i, mask=row_ok)
+    # Exactly one program per row has the label in its column range [n_lo, n_hi): no race.
+    tl.store(zpos_ptr + offs_m, z_pos, mask=row_ok & (label >= n_lo) & (label < n_hi))
 
 
 @triton.jit
@@ -333,18 +348,22 @@ def _merge(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
     return torch.stack((mx, torch.log(total)))
 
 
-def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
-    """Split log-sum-exp statistics of ``z = scale · q kᵀ`` over rows and (optionally) columns, one sweep.
+def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, labels: torch.Tensor):
+    """Split log-sum-exp statistics of ``z = scale · q kᵀ`` over rows and (optionally) columns, and the
+    positive logits, one sweep.
 
     Args:
         q: ``[N, D]``; k: ``[M, D]``: float32/float16/bfloat16, same dtype and device.
         scale: 0-dim tensor (read by the kernel from device memory).
         need_cols: also return the column statistics (symmetric loss).
+        labels: ``[N]`` integer tensor on the same device, each query's positive key, values in ``[0, M)``.
 
     Returns:
         ``row [2, N]`` and ``col [2, M]`` (or None), float32, natural-log units: ``row[0, i] = max_j z_ij``
         and ``row[1, i] = log Σ_j exp(z_ij - row[0, i])``; ``col`` the same over i.  The LSE is
-        ``row[0] + row[1]``.
+        ``row[0] + row[1]``.  ``z_pos [N]`` float32: ``z[i, labels[i]]``, the same value (same dot, same D
+        chunks, same ``· scale``) that the row max was taken over, so ``row[0] - z_pos`` is exactly 0 where
+        the positive is the max.  A label outside ``[0, M)`` (not checked here) leaves NaN.
     """
     q, k = _prepare(q, k)
     n, d = q.shape
@@ -355,15 +374,17 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool):
     split, cols_per_split = _split(row_blocks, col_blocks, block_n, q.device)
     part_r = torch.empty(2, split, n, dtype=torch.float32, device=q.device)  # [max, Σ exp(z - max)]
     part_c = torch.empty(2, row_blocks, m, dtype=torch.float32, device=q.device) if need_cols else part_r
+    labels = labels.to(device=q.device, dtype=torch.int64).contiguous()
+    z_pos = torch.full((n,), float("nan"), dtype=torch.float32, device=q.device)  # every entry written once
     _lse_kernel[(row_blocks, split)](
-        q, k, _scale_arg(scale, q.device), part_r[0], part_r[1], part_c[0], part_c[1],
+        q, k, _scale_arg(scale, q.device), part_r[0], part_r[1], part_c[0], part_c[1], labels, z_pos,
         n, m, d, q.stride(0), k.stride(0), cols_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d, NEED_COLS=need_cols,
         INPUT_PRECISION=_input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     row = _merge(part_r[0], part_r[1])
     col = _merge(part_c[0], part_c[1]) if need_cols else None
-    return row, col
+    return row, col, z_pos
 
 
 def _kernel_stats(stats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
