@@ -84,6 +84,26 @@ def _close(got, want, dtype, what):
     assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} (max |want| {mag:.3g})"
 
 
+def _labels(n, m, seed=0):
+    """Random positives ``[N]`` (int64, on DEVICE) in [0, M)."""
+    return torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(100 + seed)).to(DEVICE)
+
+
+def _check_zpos(z_pos, row, q, k, scale, labels, what="z_pos"):
+    """``z_pos`` ``[N]`` against fp64 ``(s·q kᵀ)[i, labels[i]]``, and taken from the same z as the row max.
+
+    The max is over the very values z_pos is picked from, so ``row[0] >= z_pos`` holds exactly, and where the
+    positive is the row max by a clear margin (labels set to the fp64 argmax) ``row[0] - z_pos`` is exactly 0.
+    """
+    n = q.shape[0]
+    z = scale * q.double() @ k.double().T
+    want = z[torch.arange(n, device=z.device), labels]
+    assert z_pos.shape == (n,), what
+    _close(z_pos, want, torch.float32, what)  # half inputs: products exact in fp32, fp32 tolerance
+    assert (row[0] >= z_pos).all(), f"{what}: a positive logit above its row max"
+    return want
+
+
 def _check_stats(got, q, k, scale, dtype, what):
     """``got`` ``[2, L]`` against fp64: the max, the relative log-sum and their sum (the LSE)."""
     want_r, want_c = _ref_stats(q, k, scale)
@@ -103,15 +123,50 @@ def _check_stats(got, q, k, scale, dtype, what):
 def test_lse(shape, dtype):
     n, m, d = shape
     q, k, _, _ = _inputs(n, m, d, dtype)
+    labels = _labels(n, m)
     scale = torch.tensor(SCALE, device=DEVICE)
-    row, col = tri.lse(q, k, scale, True)
+    row, col, z_pos = tri.lse(q, k, scale, True, labels)
     assert row.shape == (2, n) and col.shape == (2, m)
+    assert z_pos.dtype == torch.float32
     # forward: products of half inputs are exact in fp32, so fp32 tolerances
     _check_stats(row, q, k, SCALE, torch.float32, "row")
     _check_stats(col, q, k, SCALE, torch.float32, "col")
-    row1, none = tri.lse(q, k, scale, False)
+    _check_zpos(z_pos, row, q, k, SCALE, labels)
+    row1, none, z_pos1 = tri.lse(q, k, scale, False, labels)
     assert none is None
     torch.testing.assert_close(row1, row, rtol=0, atol=0)
+    torch.testing.assert_close(z_pos1, z_pos, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("programs", [1, 10**6], ids=["no-split", "split-per-block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 129, 7), (40, 70, 40)], ids=["single-D", "D-loop"])
+def test_lse_positive_logit(shape, dtype, programs, monkeypatch):
+    """``z_pos`` with and without column splits (``test_lse``'s default TARGET_PROGRAMS splits in between).
+
+    Each row's positive is stored by the one program whose column range holds it, and it is the same fp32
+    value the row max was taken from (``row[0] - z_pos`` exactly 0 where the positive is the max).
+    """
+    monkeypatch.setattr(tri, "TARGET_PROGRAMS", programs)
+    n, m, d = shape
+    q, k, _, _ = _inputs(n, m, d, dtype, seed=12)
+    scale = torch.tensor(SCALE, device=DEVICE)
+    z = SCALE * q.double() @ k.double().T
+    top2 = z.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # fp32 logit rounding cannot swap the max here
+    assert clear.sum() >= n // 2
+    # positives: the row max for even rows, any column for odd rows (first / last columns included)
+    labels = torch.where(torch.arange(n, device=z.device) % 2 == 0, z.argmax(1), _labels(n, m, seed=12))
+    labels[1::4] = m - 1
+    labels[3::8] = 0
+    labels = labels.to(DEVICE)
+    for need_cols in (True, False):
+        row, _, z_pos = tri.lse(q, k, scale, need_cols, labels)
+        _check_stats(row, q, k, SCALE, torch.float32, "row")
+        _check_zpos(z_pos, row, q, k, SCALE, labels)
+        is_max = (labels == z.argmax(1)) & clear
+        assert is_max.any()
+        assert torch.equal(row[0][is_max], z_pos[is_max]), "max - z_pos must be 0 for a winning positive"
 
 
 def test_merge_partials():
@@ -161,7 +216,7 @@ def test_grad_zero_and_negative_weights(dtype):
     w[::5] = -w[::5].abs()
     a[1::5] = -a[1::5].abs()
     scale = torch.tensor(SCALE, device=DEVICE)
-    row, col = tri.lse(q, k, scale, True)
+    row, col, _ = tri.lse(q, k, scale, True, _labels(n, m))
     for ww, cc in ((w, col), (None, None)):
         dq_want, dk_want = _ref_grad(q, k, SCALE, a, ww)
         dq, dk = tri.grad(q, k, scale, row, cc, a, ww)
@@ -180,10 +235,12 @@ def test_large_scale_and_strided_inputs():
     q_strided.copy_(q)
     k_cols = k.T.contiguous().T  # stride along D != 1: the launcher copies it
     scale = torch.tensor(100.0, device=DEVICE)
-    row, col = tri.lse(q_strided, k_cols, scale, True)
+    labels = _labels(n, m, seed=2)
+    row, col, z_pos = tri.lse(q_strided, k_cols, scale, True, torch.stack((labels, labels), 1)[:, 0])  # strided
     # |z| ~ 100: logit rounding ~|z|·eps, i.e. an absolute tolerance on the max and the LSE
     want_r, want_c = _ref_stats(q, k, 100.0)
-    for got, want in ((row, want_r), (col, want_c)):
+    want_pos = (100.0 * q.double() @ k.double().T)[torch.arange(n, device=q.device), labels]
+    for got, want in ((row, want_r), (col, want_c), (z_pos, want_pos)):
         torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=0, atol=5e-5)
     dq, dk = tri.grad(q_strided, k_cols, scale, row, col, a, w)
     dq_want, dk_want = _ref_grad(q, k, 100.0, a, w)
@@ -204,7 +261,9 @@ def test_all_logits_very_negative(d):
     scale = torch.tensor(200.0, device=DEVICE)
     want_r, want_c = _ref_lse(q, k, 200.0)
     assert want_r.max() < -120 and want_c.max() < -120
-    row, col = tri.lse(q, k, scale, True)
+    labels = _labels(n, m, seed=8)
+    row, col, z_pos = tri.lse(q, k, scale, True, labels)
+    _check_zpos(z_pos, row, q, k, 200.0, labels)
     torch.testing.assert_close((row[0] + row[1]).double().cpu(), want_r.cpu(), rtol=1e-5, atol=0)
     torch.testing.assert_close((col[0] + col[1]).double().cpu(), want_c.cpu(), rtol=1e-5, atol=0)
     dq, dk = tri.grad(q, k, scale, row, col, a, w)
@@ -220,7 +279,7 @@ def test_deterministic_mode(shape, monkeypatch):
     n, m, d = shape
     q, k, a, w = _inputs(n, m, d, torch.float32, seed=3)
     scale = torch.tensor(SCALE, device=DEVICE)
-    row, col = tri.lse(q, k, scale, True)
+    row, col, _ = tri.lse(q, k, scale, True, _labels(n, m, seed=3))
     for ww, cc in ((w, col), (None, None)):
         dq_atomic, dk_atomic = tri.grad(q, k, scale, row, cc, a, ww)
         monkeypatch.setenv("XLOSS_DETERMINISTIC", "1")
@@ -243,7 +302,9 @@ def test_no_column_split(monkeypatch):
     n, m, d = 7, 70, 40
     q, k, a, w = _inputs(n, m, d, torch.float32, seed=4)
     scale = torch.tensor(SCALE, device=DEVICE)
-    row, col = tri.lse(q, k, scale, True)
+    labels = _labels(n, m, seed=4)
+    row, col, z_pos = tri.lse(q, k, scale, True, labels)
+    _check_zpos(z_pos, row, q, k, SCALE, labels)
     _check_stats(row, q, k, SCALE, torch.float32, "row")
     _check_stats(col, q, k, SCALE, torch.float32, "col")
     dq_want, dk_want = _ref_grad(q, k, SCALE, a, w)
@@ -255,14 +316,16 @@ def test_no_column_split(monkeypatch):
 def test_float64_is_rejected():
     q = torch.randn(4, 8, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
-        tri.lse(q, q, torch.tensor(1.0, dtype=torch.float64, device=DEVICE), True)
+        tri.lse(q, q, torch.tensor(1.0, dtype=torch.float64, device=DEVICE), True, _labels(4, 4))
 
 
 @pytest.mark.skipif(INTERPRET, reason="bf16 is wrong in Triton's interpreter: GPU only")
 def test_bf16_gpu():
     q, k, a, w = _inputs(129, 257, 96, torch.bfloat16, seed=5)
     scale = torch.tensor(SCALE, device=DEVICE)
-    row, col = tri.lse(q, k, scale, True)
+    labels = _labels(129, 257, seed=5)
+    row, col, z_pos = tri.lse(q, k, scale, True, labels)
+    _check_zpos(z_pos, row, q, k, SCALE, labels)
     _check_stats(row, q, k, SCALE, torch.float32, "row")
     _check_stats(col, q, k, SCALE, torch.float32, "col")
     dq_want, dk_want = _ref_grad(q, k, SCALE, a, w)
@@ -341,14 +404,54 @@ PRECISION_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(PRECISION_CASES), ids=list(PRECISION_CASES))
-def test_fp32_gradient_precision_vs_naive(case):
-    """fp32 gradients of the triton path are as accurate as naive fp32 PyTorch (log_softmax), vs fp64."""
+def _precision_inputs(case):
+    """Features of a PRECISION_CASES case: key i is a noisy copy of query i, so each query's positive is its
+    most similar key (and each key's too): the positive is the row and column max of the logits."""
     n, d, scale, norm, spread = PRECISION_CASES[case]
     g = torch.Generator().manual_seed(11)
     e = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
     q0 = norm * torch.nn.functional.normalize(e + spread * torch.randn(n, d, generator=g), dim=1)
     k0 = norm * torch.nn.functional.normalize(q0 + 0.2 * spread * torch.randn(n, d, generator=g), dim=1)
+    return q0, k0, scale
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "one-way"])
+@pytest.mark.parametrize("case", list(PRECISION_CASES), ids=list(PRECISION_CASES))
+def test_fp32_loss_precision_vs_naive(case, symmetric):
+    """fp32 per-query losses of the triton path are as accurate as naive fp32 PyTorch, vs fp64.
+
+    Peaked rows have loss ``(max - z_pos) + log Σ exp(z - max)`` with ``max - z_pos`` ~0 and the log-sum
+    tiny: naive PyTorch takes z_pos from the same logits as the max, so the difference is exactly 0.  A
+    z_pos computed apart from the kernel's tiles (another summation order) leaves |z|·eps there, 8-1300×
+    the naive error; the kernel's own z_pos must not.
+    """
+    q0, k0, scale = _precision_inputs(case)
+    z = scale * q0.double() @ k0.double().T
+    n = z.shape[0]
+    assert torch.equal(z.argmax(1), torch.arange(n)), "the positive must be each row's max (peaked case)"
+
+    def losses(dtype, backend):
+        q, k = q0.to(device=DEVICE, dtype=dtype), k0.to(device=DEVICE, dtype=dtype)
+        return xloss.info_nce(q, k, logit_scale=scale, symmetric=symmetric, reduction="none", backend=backend)
+
+    exact = losses(torch.float64, "reference").cpu()
+    naive = losses(torch.float32, "reference").double().cpu()
+    got = losses(torch.float32, "triton")
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    got = got.double().cpu()
+    err = (got - exact).abs().max().item()
+    err_naive = (naive - exact).abs().max().item()
+    slack = 1e-6 * exact.abs().max().item()
+    assert err <= 3 * err_naive + slack, (
+        f"loss: triton fp32 error {err:.3g} vs naive fp32 error {err_naive:.3g} (max |loss| "
+        f"{exact.abs().max().item():.3g})"
+    )
+
+
+@pytest.mark.parametrize("case", list(PRECISION_CASES), ids=list(PRECISION_CASES))
+def test_fp32_gradient_precision_vs_naive(case):
+    """fp32 gradients of the triton path are as accurate as naive fp32 PyTorch (log_softmax), vs fp64."""
+    q0, k0, scale = _precision_inputs(case)
 
     def grads(dtype, backend):
         q = q0.to(device=DEVICE, dtype=dtype).clone().requires_grad_()
