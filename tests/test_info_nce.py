@@ -340,14 +340,18 @@ def test_cpu_engine_primitives(monkeypatch, n, m, rows_mb):
     q, k, _ = make_inputs(n, m, 5, seed=n + 2 * m, dtype=torch.float64)
     s = torch.tensor(3.0, dtype=torch.float64)
     z = s * q @ k.T
-    row, col, z_pos = _cpu.lse(q, k, s, True, torch.arange(n) % m)
+    row, col, z_pos, kept = _cpu.lse(q, k, s, True, torch.arange(n) % m)
+    if rows_mb is None:  # small problem: the logits are kept for backward
+        assert_close64(kept, z)
+    else:
+        assert kept is None
     assert_close64(z_pos, z[torch.arange(n), torch.arange(n) % m])
     assert row.shape == (2, n) and col.shape == (2, m)
     assert_close64(row[0], z.amax(1))
     assert_close64(col[0], z.amax(0))
     assert_close64(row[0] + row[1], torch.logsumexp(z, 1))
     assert_close64(col[0] + col[1], torch.logsumexp(z, 0))
-    row1, none, _ = _cpu.lse(q, k, s, False, torch.arange(n) % m)
+    row1, none, _, _ = _cpu.lse(q, k, s, False, torch.arange(n) % m)
     assert none is None
     assert_close64(row1, row)
     g = _gen(5)
@@ -360,11 +364,16 @@ def test_cpu_engine_primitives(monkeypatch, n, m, rows_mb):
     dq, dk = _cpu.grad(q, k, s, row, col, a, w)
     assert_close64(dq, p @ k)
     assert_close64(dk, p.T @ q)
+    kept_before = z.clone()
+    dq, dk = _cpu.grad(q, k, s, row, col, a, w, logits=z)  # reusing kept logits: same result, z untouched
+    assert_close64(dq, p @ k)
+    assert_close64(dk, p.T @ q)
+    assert torch.equal(z, kept_before)
     dq, dk = _cpu.grad(q, k, s, row, None, a.abs(), None)  # one-way, all weights >= 0
     assert_close64(dq, a.abs()[:, None] * torch.softmax(z, 1) @ k)
     assert_close64(dk, (a.abs()[:, None] * torch.softmax(z, 1)).T @ q)
     # half inputs are computed in fp32
-    row_h, _, _ = _cpu.lse(q.half(), k.half(), s.float(), False, torch.zeros(n, dtype=torch.long))
+    row_h, _, _, _ = _cpu.lse(q.half(), k.half(), s.float(), False, torch.zeros(n, dtype=torch.long))
     assert row_h.dtype == torch.float32
     assert _cpu.accumulation_dtype(torch.bfloat16) == _cpu.accumulation_dtype(torch.float16) == torch.float32
     assert _cpu.accumulation_dtype(torch.float64) == torch.float64
@@ -751,15 +760,25 @@ def test_xloss_backend_env_overrides_auto(monkeypatch, env, expected):
     assert is_fast == (expected == "cpu")
 
 
-def test_cpu_path_stores_nothing_n_by_m():
-    """The autograd graph keeps the inputs and O(N+M) vectors only (SPEC §1: nothing N×M is stored)."""
+def test_cpu_path_stores_nothing_n_by_m(monkeypatch):
+    """The autograd graph keeps the inputs and O(N+M) vectors only (SPEC §1: nothing N×M is stored), except
+    that a problem whose whole logits fit the working budget keeps them (3 GEMM sweeps instead of 4)."""
     n, m = 64, 96
     q, k, _ = make_inputs(n, m, 4, seed=29)
     q.requires_grad_(True)
     k.requires_grad_(True)
+    monkeypatch.setenv("XLOSS_CPU_TILE_MB", str(2 * n * m * 4 / 2**20))  # two strips fit, the logits do not
     loss = xloss.info_nce(q, k, logit_scale=SCALE, backend="cpu")
-    saved = loss.grad_fn.saved_tensors
-    assert all(t is None or t.numel() < n * m for t in saved)
+    assert all(t is None or t.numel() < n * m for t in loss.grad_fn.saved_tensors)
+    monkeypatch.setenv("XLOSS_CPU_TILE_MB", str(3 * n * m * 4 / 2**20))  # logits + two strips fit
+    loss = xloss.info_nce(q, k, logit_scale=SCALE, backend="cpu")
+    big = [t for t in loss.grad_fn.saved_tensors if t is not None and t.numel() >= n * m]
+    assert [tuple(t.shape) for t in big] == [(n, m)]
+    loss.backward(retain_graph=True)
+    first = (q.grad.clone(), k.grad.clone())
+    q.grad, k.grad = None, None
+    loss.backward()  # a second backward must not see logits modified by the first
+    torch.testing.assert_close((q.grad, k.grad), first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["scale100", "norm30"])

@@ -125,14 +125,14 @@ def test_lse(shape, dtype):
     q, k, _, _ = _inputs(n, m, d, dtype)
     labels = _labels(n, m)
     scale = torch.tensor(SCALE, device=DEVICE)
-    row, col, z_pos = tri.lse(q, k, scale, True, labels)
+    row, col, z_pos, _ = tri.lse(q, k, scale, True, labels)
     assert row.shape == (2, n) and col.shape == (2, m)
     assert z_pos.dtype == torch.float32
     # forward: products of half inputs are exact in fp32, so fp32 tolerances
     _check_stats(row, q, k, SCALE, torch.float32, "row")
     _check_stats(col, q, k, SCALE, torch.float32, "col")
     _check_zpos(z_pos, row, q, k, SCALE, labels)
-    row1, none, z_pos1 = tri.lse(q, k, scale, False, labels)
+    row1, none, z_pos1, _ = tri.lse(q, k, scale, False, labels)
     assert none is None
     torch.testing.assert_close(row1, row, rtol=0, atol=0)
     torch.testing.assert_close(z_pos1, z_pos, rtol=0, atol=0)
@@ -161,7 +161,7 @@ def test_lse_positive_logit(shape, dtype, programs, monkeypatch):
     labels[3::8] = 0
     labels = labels.to(DEVICE)
     for need_cols in (True, False):
-        row, _, z_pos = tri.lse(q, k, scale, need_cols, labels)
+        row, _, z_pos, _ = tri.lse(q, k, scale, need_cols, labels)
         _check_stats(row, q, k, SCALE, torch.float32, "row")
         _check_zpos(z_pos, row, q, k, SCALE, labels)
         is_max = (labels == z.argmax(1)) & clear
@@ -216,7 +216,7 @@ def test_grad_zero_and_negative_weights(dtype):
     w[::5] = -w[::5].abs()
     a[1::5] = -a[1::5].abs()
     scale = torch.tensor(SCALE, device=DEVICE)
-    row, col, _ = tri.lse(q, k, scale, True, _labels(n, m))
+    row, col, _, _ = tri.lse(q, k, scale, True, _labels(n, m))
     for ww, cc in ((w, col), (None, None)):
         dq_want, dk_want = _ref_grad(q, k, SCALE, a, ww)
         dq, dk = tri.grad(q, k, scale, row, cc, a, ww)
@@ -236,7 +236,7 @@ def test_large_scale_and_strided_inputs():
     k_cols = k.T.contiguous().T  # stride along D != 1: the launcher copies it
     scale = torch.tensor(100.0, device=DEVICE)
     labels = _labels(n, m, seed=2)
-    row, col, z_pos = tri.lse(q_strided, k_cols, scale, True, torch.stack((labels, labels), 1)[:, 0])  # strided
+    row, col, z_pos, _ = tri.lse(q_strided, k_cols, scale, True, torch.stack((labels, labels), 1)[:, 0])  # strided
     # |z| ~ 100: logit rounding ~|z|·eps, i.e. an absolute tolerance on the max and the LSE
     want_r, want_c = _ref_stats(q, k, 100.0)
     want_pos = (100.0 * q.double() @ k.double().T)[torch.arange(n, device=q.device), labels]
@@ -262,7 +262,7 @@ def test_all_logits_very_negative(d):
     want_r, want_c = _ref_lse(q, k, 200.0)
     assert want_r.max() < -120 and want_c.max() < -120
     labels = _labels(n, m, seed=8)
-    row, col, z_pos = tri.lse(q, k, scale, True, labels)
+    row, col, z_pos, _ = tri.lse(q, k, scale, True, labels)
     _check_zpos(z_pos, row, q, k, 200.0, labels)
     torch.testing.assert_close((row[0] + row[1]).double().cpu(), want_r.cpu(), rtol=1e-5, atol=0)
     torch.testing.assert_close((col[0] + col[1]).double().cpu(), want_c.cpu(), rtol=1e-5, atol=0)
@@ -279,7 +279,7 @@ def test_deterministic_mode(shape, monkeypatch):
     n, m, d = shape
     q, k, a, w = _inputs(n, m, d, torch.float32, seed=3)
     scale = torch.tensor(SCALE, device=DEVICE)
-    row, col, _ = tri.lse(q, k, scale, True, _labels(n, m, seed=3))
+    row, col, _, _ = tri.lse(q, k, scale, True, _labels(n, m, seed=3))
     for ww, cc in ((w, col), (None, None)):
         dq_atomic, dk_atomic = tri.grad(q, k, scale, row, cc, a, ww)
         monkeypatch.setenv("XLOSS_DETERMINISTIC", "1")
@@ -303,7 +303,7 @@ def test_no_column_split(monkeypatch):
     q, k, a, w = _inputs(n, m, d, torch.float32, seed=4)
     scale = torch.tensor(SCALE, device=DEVICE)
     labels = _labels(n, m, seed=4)
-    row, col, z_pos = tri.lse(q, k, scale, True, labels)
+    row, col, z_pos, _ = tri.lse(q, k, scale, True, labels)
     _check_zpos(z_pos, row, q, k, SCALE, labels)
     _check_stats(row, q, k, SCALE, torch.float32, "row")
     _check_stats(col, q, k, SCALE, torch.float32, "col")
@@ -324,7 +324,7 @@ def test_bf16_gpu():
     q, k, a, w = _inputs(129, 257, 96, torch.bfloat16, seed=5)
     scale = torch.tensor(SCALE, device=DEVICE)
     labels = _labels(129, 257, seed=5)
-    row, col, z_pos = tri.lse(q, k, scale, True, labels)
+    row, col, z_pos, _ = tri.lse(q, k, scale, True, labels)
     _check_zpos(z_pos, row, q, k, SCALE, labels)
     _check_stats(row, q, k, SCALE, torch.float32, "row")
     _check_stats(col, q, k, SCALE, torch.float32, "col")

@@ -4,7 +4,8 @@
 every fast path.  A backend supplies two tile sweeps (see ``cpu.py`` and ``triton.py``):
 
 * ``lse``: row and column log-sum-exp statistics of the logits, from the same tiles, kept split as
-  ``[max, log Σ exp(z - max)]`` so that no large fp32 number is subtracted from another;
+  ``[max, log Σ exp(z - max)]`` so that no large fp32 number is subtracted from another, the positive
+  logits from those tiles, and (CPU, small problems only) the logits themselves when they fit its budget;
 * ``grad``: ``dq_u = P k`` and ``dk_u = Pᵀ q`` for ``P_ij = a_i·softmax_row + w_j·softmax_col``.
 
 Everything else is O((N+M)·D) and lives here once: the positive logits, label smoothing, the reduction, the
@@ -42,7 +43,7 @@ class InfoNCEFunction(torch.autograd.Function):
         eps = float(label_smoothing)
         s = scale.detach().to(acc)
         # z_pos comes from the same tiles as the maxima, so max - z_pos is exactly 0 when the positive wins.
-        row, col, z_pos = engine.lse(q, k, s, symmetric, labels)
+        row, col, z_pos, logits = engine.lse(q, k, s, symmetric, labels)
         qf, kf = q.to(acc), k.to(acc)
         rows = (row[0] - z_pos) + row[1]  # LSE - z_pos, the max subtracted first (as log_softmax)
         if eps:
@@ -54,7 +55,7 @@ class InfoNCEFunction(torch.autograd.Function):
             terms = (rows + cols) / 2
         else:
             terms = rows
-        ctx.save_for_backward(q, k, scale, labels, row, col)
+        ctx.save_for_backward(q, k, scale, labels, row, col, logits)
         ctx.options = (symmetric, eps, reduction, engine)
         if reduction == "mean":
             return terms.mean()
@@ -64,7 +65,7 @@ class InfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, scale, labels, row, col = ctx.saved_tensors
+        q, k, scale, labels, row, col, logits = ctx.saved_tensors
         symmetric, eps, reduction, engine = ctx.options
         acc = row.dtype
         n, m = q.shape[0], k.shape[0]
@@ -73,7 +74,7 @@ class InfoNCEFunction(torch.autograd.Function):
         a = g / 2 if symmetric else g  # weight of row i's softmax
         w = torch.zeros(m, dtype=acc, device=q.device).index_add_(0, labels, a) if symmetric else None
         s = scale.detach().to(acc)
-        dq, dk = engine.grad(q, k, s, row, col, a, w)
+        dq, dk = engine.grad(q, k, s, row, col, a, w, logits)
         # Target terms, O((N+M)·D): -(1-ε)·(weight of positive) and the uniform ε/M, ε/N parts of smoothing.
         qf, kf = q.to(acc), k.to(acc)
         pos = (1 - eps) * (a + a if symmetric else a)

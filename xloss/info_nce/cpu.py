@@ -10,7 +10,9 @@ Two primitives, shared with the Triton path through the autograd Function in ``_
 
 So a forward+backward costs 4 GEMM sweeps and O((N+M)·D) memory plus a working set of two ``rows × M`` strips
 (the logits and the probabilities, or a logsumexp temporary in forward) whose size comes from a memory budget:
-``XLOSS_CPU_TILE_MB`` (default 64 MiB for both strips together).  Inputs in fp16/bf16 are
+``XLOSS_CPU_TILE_MB`` (default 64 MiB for both strips together).  A small problem whose whole logits fit
+that budget beside the two strips keeps them from forward to backward instead (3 sweeps; ``_keeps_logits``):
+below ~2k × 2k the naive loss is cache-resident and a fourth sweep would make us slower than it.  Inputs in fp16/bf16 are
 computed in fp32; fp64 stays fp64.  Nothing here is CPU-specific: it is also the fallback on CUDA tensors when
 Triton is missing.
 """
@@ -30,10 +32,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _budget() -> int:
+    return int(float(os.environ.get("XLOSS_CPU_TILE_MB", DEFAULT_TILE_BYTES / 2**20)) * 2**20)
+
+
 def _strip_rows(n: int, m: int, itemsize: int) -> int:
     """Rows per strip so that STRIPS strips of ``rows × m`` fit the budget (at least one row)."""
-    budget = float(os.environ.get("XLOSS_CPU_TILE_MB", DEFAULT_TILE_BYTES / 2**20)) * 2**20
-    return max(1, min(n, int(budget) // max(1, STRIPS * m * itemsize)))
+    return max(1, min(n, _budget() // max(1, STRIPS * m * itemsize)))
+
+
+def _keeps_logits(n: int, m: int, itemsize: int) -> bool:
+    """Small problems: the whole logits matrix, kept from forward to backward beside the two working strips,
+    fits the budget, so backward skips its recomputing GEMM (3 sweeps instead of 4)."""
+    return (STRIPS + 1) * n * m * itemsize <= _budget()
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -56,6 +67,8 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
         ``row [2, N]`` and ``col [2, M]`` (or None): ``[0]`` the max, ``[1]`` the log-sum-exp relative to it;
         ``z_pos [N]``, ``z[i, labels[i]]`` read from the same strips (so that ``max - z_pos`` is exactly 0
         when the positive is the max, as in ``log_softmax``); all in the accumulation dtype.
+        ``logits``: the whole ``[N, M]`` logits when they fit the budget (see ``_keeps_logits``), for ``grad``
+        to reuse, else None.
     """
     q, k = _upcast(q), _upcast(k)
     qs = q * scale.to(q.dtype)
@@ -85,7 +98,8 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
             col_sum.mul_(torch.exp(col_max - new_max)).add_(e.sum(0) * torch.exp(t_max - new_max))
             col_max = new_max
     col = torch.stack([col_max, col_sum.log()]) if need_cols else None
-    return row, col, z_pos
+    logits = strip if _keeps_logits(n, m, q.element_size()) else None  # one strip holds all rows then
+    return row, col, z_pos, logits
 
 
 def _shift_and_sign(stats: torch.Tensor, weight: torch.Tensor):
@@ -112,13 +126,14 @@ def _add_softmax_part(out, s, mx, shift, sign, accumulate: bool):
             out.mul_(sign)
 
 
-def grad(q, k, scale, row, col, a, w):
+def grad(q, k, scale, row, col, a, w, logits=None):
     """Unscaled gradient products of one recomputing sweep.
 
     Args:
         q: ``[N, D]``; k: ``[M, D]``; scale: 0-dim tensor.
         row: ``[2, N]`` row statistics of ``lse``; col: ``[2, M]`` column statistics or None (one-way).
         a: ``[N]`` weight of each row softmax; w: ``[M]`` weight of each column softmax, or None.
+        logits: the ``[N, M]`` logits kept by ``lse`` (not modified), or None to recompute them.
 
     Returns:
         ``dq_u = P k`` ``[N, D]`` and ``dk_u = Pᵀ q`` ``[M, D]``, in the accumulation dtype, for
@@ -145,7 +160,10 @@ def grad(q, k, scale, row, col, a, w):
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
         s, p = strip[: i1 - i0], prob[: i1 - i0]
-        torch.mm(qs[i0:i1], kt, out=s)
+        if logits is None:
+            torch.mm(qs[i0:i1], kt, out=s)
+        else:
+            s.copy_(logits[i0:i1])  # a copy: the column part below works in place, and backward may rerun
         sign = None if r_sign is None else r_sign[i0:i1, None]
         _add_softmax_part(p, s, r_max[i0:i1, None], r_shift[i0:i1, None], sign, accumulate=False)
         if col is not None:

@@ -384,7 +384,7 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
     )
     row = _merge(part_r[0], part_r[1])
     col = _merge(part_c[0], part_c[1]) if need_cols else None
-    return row, col, z_pos
+    return row, col, z_pos, None  # the kernels never keep the logits: backward recomputes them
 
 
 def _kernel_stats(stats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -421,7 +421,7 @@ def _launch_grad(rows, cols, scale, st_rows, st_cols, d_rows, d_cols, atomic: bo
     )
 
 
-def grad(q, k, scale, row, col, a, w):
+def grad(q, k, scale, row, col, a, w, logits=None):
     """Unscaled gradient products of one recomputing sweep (two in deterministic mode).
 
     Args:
