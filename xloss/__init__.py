@@ -3,6 +3,9 @@
 Public API::
 
     xloss.info_nce(query, key, logit_scale=..., ...)   # CLIP / InfoNCE without the N×M logits
+    xloss.maxsim(q, d, q_mask, d_mask, ...)            # late interaction (ColBERT / FILIP) scores [Nq, Nd]
+    xloss.maxsim_pairs(q, d, ...)                      # query a against document a, [N]
+    xloss.late_interaction_loss(q, d, logit_scale=...) # MaxSim scores, then cross-entropy
     xloss.reference.info_nce(...)                      # the naive definition (the spec)
     xloss.available_backends()                         # what this machine can run
 
@@ -13,5 +16,14 @@ from . import reference
 from ._backend import available_backends
 from ._version import __version__
 from .info_nce import info_nce
+from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
 
-__all__ = ["info_nce", "reference", "available_backends", "__version__"]
+__all__ = [
+    "__version__",
+    "available_backends",
+    "info_nce",
+    "late_interaction_loss",
+    "maxsim",
+    "maxsim_pairs",
+    "reference",
+]

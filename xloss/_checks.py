@@ -106,3 +106,33 @@ def check_label_smoothing(label_smoothing) -> None:
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    """``value`` must be one of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_token_mask(name: str, mask, shape: tuple, device: torch.device, of: str) -> None:
+    """A boolean token mask of exactly ``shape`` ([N, L] of the tensor ``of``), on ``device``."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor of shape {shape} or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = valid token), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the first two dims of {of}), got {_shape(mask)}")
+    if mask.device != device:
+        raise ValueError(f"{name} must be on the same device as {of} ({device}), got {mask.device}")
+
+
+def check_token_weights(name: str, weights, shape: tuple, device: torch.device, of: str) -> None:
+    """Per-token float weights of exactly ``shape`` ([N, L] of the tensor ``of``), on ``device``."""
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"{name} must be a float torch.Tensor of shape {shape} or None, got {type(weights).__name__}")
+    if not weights.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {weights.dtype}")
+    if tuple(weights.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the first two dims of {of}), got {_shape(weights)}")
+    if weights.device != device:
+        raise ValueError(f"{name} must be on the same device as {of} ({device}), got {weights.device}")

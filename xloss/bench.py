@@ -217,6 +217,116 @@ register(
 )
 
 
+# --- Late interaction (MaxSim) ------------------------------------------------------------------------------
+# The shape tuple is (Nq, Nd, D); the token counts are fixed by each family: ColBERT-like training with
+# 32 query tokens against documents of up to 180 tokens, and scoring with 32 query tokens against documents of
+# up to 300 tokens.  Documents have ragged lengths (a bool mask), queries are full (ColBERT pads them with
+# [MASK] tokens that count).
+
+LATE_TRAIN_TOKENS = (32, 180)  # (Lq, Ld) of the "late_interaction" family
+LATE_SCORE_TOKENS = (32, 300)  # (Lq, Ld) of the "maxsim_scoring" family
+# Peak of the naive loss as multiples of the [Nq, Nd, Lq, Ld] similarity tensor: the similarities, their masked
+# copy, and in backward the gradient of the max and of the masked copy.  Scoring keeps the first two.
+NAIVE_LATE_TRAIN_FACTOR = 4.0
+NAIVE_LATE_SCORE_FACTOR = 2.5
+
+
+def _late_inputs(tokens: tuple[int, int], grad: bool) -> Callable[[Shape, torch.dtype, torch.device], dict]:
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+        """L2-normalised ``q [Nq, Lq, D]``, ``d [Nd, Ld, D]``, document lengths uniform in [Ld/3, Ld]."""
+        nq, nd, dim = shape
+        lq, ld = tokens
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def tokens_of(n: int, length: int) -> torch.Tensor:
+            x = torch.randn(n, length, dim, generator=gen, device=device)
+            return torch.nn.functional.normalize(x, dim=-1).to(dtype).requires_grad_(grad)
+
+        lengths = torch.randint(max(1, ld // 3), ld + 1, (nd,), generator=gen, device=device)
+        d_mask = torch.arange(ld, device=device)[None, :] < lengths[:, None]
+        inputs = {"q": tokens_of(nq, lq), "d": tokens_of(nd, ld), "d_mask": d_mask}
+        if grad:
+            inputs["scale"] = torch.tensor(1.0, device=device, requires_grad=True)
+        return inputs
+
+    return make
+
+
+def _late_xloss(inputs: dict) -> None:
+    import xloss
+
+    xloss.late_interaction_loss(inputs["q"], inputs["d"], None, inputs["d_mask"],
+                                logit_scale=inputs["scale"]).backward()
+
+
+def _late_naive(inputs: dict) -> None:
+    from xloss import reference
+
+    reference.late_interaction_loss(inputs["q"], inputs["d"], None, inputs["d_mask"],
+                                    logit_scale=inputs["scale"]).backward()
+
+
+def _scoring_xloss(inputs: dict) -> None:
+    import xloss
+
+    with torch.no_grad():
+        xloss.maxsim(inputs["q"], inputs["d"], None, inputs["d_mask"])
+
+
+def _scoring_naive(inputs: dict) -> None:
+    from xloss import reference
+
+    with torch.no_grad():
+        reference.maxsim(inputs["q"], inputs["d"], None, inputs["d_mask"])
+
+
+def _late_naive_peak(tokens: tuple[int, int], factor: float):
+    def estimate(shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
+        nq, nd, dim = shape
+        lq, ld = tokens
+        size = torch.empty((), dtype=dtype).element_size()
+        return int(factor * nq * nd * lq * ld * size + 2 * (nq * lq + nd * ld) * dim * size)
+
+    return estimate
+
+
+def _late_flops(tokens: tuple[int, int], backward: bool) -> Callable[[Shape], float]:
+    # One similarity GEMM sweep; the backward routes through the arg-max indices (2 products of Nq·Nd·Lq·D).
+    def flops(shape: Shape) -> float:
+        nq, nd, dim = shape
+        lq, ld = tokens
+        return 2.0 * nq * nd * lq * ld * dim + (4.0 * nq * nd * lq * dim if backward else 0.0)
+
+    return flops
+
+
+register(
+    Family(
+        name="late_interaction",
+        make_inputs=_late_inputs(LATE_TRAIN_TOKENS, grad=True),
+        xloss=Impl("xloss", "xloss.late_interaction_loss", _late_xloss, _xloss_backend("late_interaction")),
+        naive=Impl(
+            "naive", "xloss.reference.late_interaction_loss", _late_naive, lambda device: "reference",
+            estimate_peak_bytes=_late_naive_peak(LATE_TRAIN_TOKENS, NAIVE_LATE_TRAIN_FACTOR),
+        ),
+        flops=_late_flops(LATE_TRAIN_TOKENS, backward=True),
+    )
+)
+
+register(
+    Family(
+        name="maxsim_scoring",
+        make_inputs=_late_inputs(LATE_SCORE_TOKENS, grad=False),
+        xloss=Impl("xloss", "xloss.maxsim (no_grad)", _scoring_xloss, _xloss_backend("late_interaction")),
+        naive=Impl(
+            "naive", "xloss.reference.maxsim (no_grad)", _scoring_naive, lambda device: "reference",
+            estimate_peak_bytes=_late_naive_peak(LATE_SCORE_TOKENS, NAIVE_LATE_SCORE_FACTOR),
+        ),
+        flops=_late_flops(LATE_SCORE_TOKENS, backward=False),
+    )
+)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Presets: which shapes, dtype, device and baselines
 # ----------------------------------------------------------------------------------------------------------
@@ -230,6 +340,8 @@ class Preset:
     dtype: str
     runs: int = 3
     baselines: tuple[str, ...] = ("naive",)
+    families: tuple[str, ...] | None = None  # what "--family all" runs; None: every registered family
+    family_shapes: dict[str, tuple[Shape, ...]] | None = None  # shapes of a family, instead of `shapes`
 
 
 def _square(sizes: Sequence[int], d: int) -> tuple[Shape, ...]:
@@ -238,14 +350,33 @@ def _square(sizes: Sequence[int], d: int) -> tuple[Shape, ...]:
 
 PRESETS: dict[str, dict[str, Preset]] = {
     "default": {
-        "cpu": Preset(_square((1024, 2048, 4096, 8192, 16384), 512), "float32"),
-        "cuda": Preset(_square((4096, 8192, 16384, 32768, 65536), 768), "bfloat16"),
+        "cpu": Preset(
+            _square((1024, 2048, 4096, 8192, 16384), 512), "float32",
+            families=("info_nce", "late_interaction", "maxsim_scoring"),
+            family_shapes={
+                "late_interaction": _square((64, 128, 256), 128),  # Lq=32, Ld=180
+                "maxsim_scoring": ((64, 250, 128), (64, 1000, 128)),  # Lq=32, Ld=300
+            },
+        ),
+        "cuda": Preset(
+            _square((4096, 8192, 16384, 32768, 65536), 768), "bfloat16",
+            families=("info_nce", "late_interaction"),
+            family_shapes={"late_interaction": _square((256, 1024), 128)},  # the ColBERT training shape
+        ),
     },
-    "acceptance-cpu": {"cpu": Preset(((16384, 16384, 512), (65536, 65536, 256)), "float32")},
-    "gpu": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", baselines=("naive", "inf_cl"))},
+    "acceptance-cpu": {
+        "cpu": Preset(((16384, 16384, 512), (65536, 65536, 256)), "float32", families=("info_nce",)),
+    },
+    # Late interaction, CPU fp32: training at Nq=Nd=256 (Lq=32, Ld=180) and scoring 64 queries against 1000
+    # documents (Lq=32, Ld=300), D=128.
+    "late-interaction-cpu": {"cpu": Preset(
+        ((256, 256, 128),), "float32", families=("late_interaction", "maxsim_scoring"),
+        family_shapes={"maxsim_scoring": ((64, 1000, 128),)},
+    )},
+    "gpu": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", baselines=("naive", "inf_cl"), families=("info_nce",))},
     "quick": {
-        "cpu": Preset(_square((512, 1024), 64), "float32", runs=2),
-        "cuda": Preset(_square((1024, 2048), 128), "float32", runs=2),
+        "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),
+        "cuda": Preset(_square((1024, 2048), 128), "float32", runs=2, families=("info_nce",)),
     },
 }
 
@@ -458,6 +589,7 @@ class Config:
     mem_limit_bytes: int | None
     timeout_s: float | None
     threads: int | None = None
+    family_shapes: dict[str, list[Shape]] = field(default_factory=dict)
 
 
 def _versions() -> dict:
@@ -567,7 +699,8 @@ def _progress(items: list, desc: str):
 def run_family(family: Family, cfg: Config, context: dict, probed_free: int | None) -> list[dict]:
     """Measure every shape of one family: xloss once per shape, then each baseline; one row per baseline."""
     rows = []
-    bar = _progress([(family.name, s) for s in cfg.shapes], desc=f"{family.name} on {cfg.device}")
+    shapes = cfg.family_shapes.get(family.name, cfg.shapes)
+    bar = _progress([(family.name, s) for s in shapes], desc=f"{family.name} on {cfg.device}")
     for _, shape in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"N={shape[0]} M={shape[1]} D={shape[2]}")
@@ -743,7 +876,11 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
     if runs < 1:
         parser.error("--runs must be at least 1")
     baselines = tuple(args.baselines.split(",")) if args.baselines else preset.baselines
-    families = [family] if family else (list(FAMILIES) if args.family == "all" else [args.family])
+    if family or args.family != "all":
+        families = [family or args.family]
+    else:
+        families = [f for f in FAMILIES if preset.families is None or f in preset.families]
+    family_shapes = {} if (args.sizes or args.dim) else dict(preset.family_shapes or {})
     for name in families:
         for b in baselines:
             try:
@@ -754,7 +891,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
         families=families, shapes=shapes, dtype=args.dtype or preset.dtype, device=device, runs=runs,
         baselines=baselines, preset=preset_name, out=args.out, plot=not args.no_plot,
         mem_limit_bytes=None if args.mem_limit_gib is None else int(args.mem_limit_gib * GIB),
-        timeout_s=args.timeout, threads=args.threads,
+        timeout_s=args.timeout, threads=args.threads, family_shapes=family_shapes,
     )
 
 

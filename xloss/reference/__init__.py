@@ -5,5 +5,6 @@ path is judged against, and what "naive PyTorch" means in ``python -m xloss.benc
 """
 
 from .info_nce import info_nce
+from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
 
-__all__ = ["info_nce"]
+__all__ = ["info_nce", "late_interaction_loss", "maxsim", "maxsim_pairs"]

@@ -1,0 +1,343 @@
+"""Triton kernel of late interaction (xloss/late_interaction/triton.py): ``maxsim_fwd`` vs fp64 torch.
+
+On machines without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set below before
+Triton is imported); there fp32 and fp16 are right but bf16 is not, so bf16 is tested on a GPU only (run this
+file with ``TRITON_INTERPRET=0`` on a CUDA machine to test the compiled kernel on CUDA tensors).
+
+The reference here is written from the definition (an fp64 ``[Nq, Nd, Lq, Ld]`` einsum, masked max with values
+and indices, weighted sums) and depends on nothing else in the package.  Shapes are tiny because the
+interpreter is slow; with the interpreter tiles (MAX_T = 32 rows of one token set, BLOCK_V = 16, one D chunk
+up to 32, chunks of 16 beyond) they cover: packed queries per tile, token sets longer than a tile (33), the
+fused sweep with queries or with documents on the rows, the two-sweep path, the D loop, the document split.
+
+Exactness: integer-valued inputs make every dot exact in fp32 and fp16, so values and indices are compared
+exactly, with many ties (lowest index must win).  Random inputs: values at ~1e-5 (fp32) / 1e-3 (fp16) of fp64
+on the same (upcast) inputs, indices exactly where the top-2 gap is clear, and everywhere the value at the
+kernel's index must be a maximum.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on CPU tensors
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # TRITON_INTERPRET=0 runs the compiled kernels
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed: the triton backend of maxsim cannot be tested",
+                allow_module_level=True)
+
+from xloss.late_interaction import triton as tri
+
+INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+# (Nq, Nd, Lq, Ld, D).  Lq = 33 / Ld = 33 are longer than one interpreter tile (MAX_T = 32); D = 33 takes the
+# D-chunk loop, D in {1, 5, 17} one chunk; Nq != Nd throughout.
+SHAPES = [
+    (3, 5, 5, 17, 17),  # several queries packed per tile, 2 doc-token blocks: fused, rows = queries
+    (2, 3, 33, 5, 33),  # long queries, short docs: fused with rows = documents; D loop
+    (2, 3, 33, 33, 5),  # both long: two one-direction sweeps, token-block loop on the rows
+    (4, 2, 1, 1, 1),  # one token, D = 1
+]
+DIRECTIONS = [(True, True), (True, False), (False, True)]
+
+
+def _ref(q, d, q_w, d_w, q_valid, d_valid, zero_mode):
+    """fp64 ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)`` from the full similarity tensor, and the
+    masked similarities each max is taken over, ``[Nq, Nd, Lq, Ld]`` (q2d) and ``[Nq, Nd, Ld, Lq]`` (d2q)."""
+    sim = torch.einsum("atk,bvk->abtv", q.double().cpu(), d.double().cpu())  # [Nq, Nd, Lq, Ld]
+    qv, dv = q_valid.cpu(), d_valid.cpu()
+    out, cands = [], []
+    for valid, dim, w in ((dv[None, :, None, :], 3, q_w), (qv[:, None, :, None], 2, d_w)):
+        masked = torch.where(valid, sim, 0.0) if zero_mode else sim.masked_fill(~valid, float("-inf"))
+        if masked.shape[dim] == 0:
+            val = torch.zeros(masked.shape[:dim] + masked.shape[dim + 1:], dtype=torch.float64)
+            idx = torch.full(val.shape, -1, dtype=torch.int64)
+        else:
+            val, idx = masked.max(dim)  # lowest index on ties
+            none = torch.isinf(val)
+            val, idx = val.masked_fill(none, 0.0), idx.masked_fill(none, -1)
+        if dim == 3:
+            s = (val * w.double().cpu()[:, None, :]).sum(-1)
+        else:
+            s = (val * w.double().cpu()[None, :, :]).sum(-1) if w is not None else None
+        out += [s, idx, val]
+        cands.append(masked if dim == 3 else masked.transpose(2, 3))
+    return tuple(out), cands
+
+
+def _masks(nq, nd, lq, ld, g, kind="random"):
+    if kind == "ragged":  # prefix masks of random lengths (0 included), like padded batches
+        q_valid = torch.arange(lq)[None, :] < torch.randint(0, lq + 1, (nq, 1), generator=g)
+        d_valid = torch.arange(ld)[None, :] < torch.randint(0, ld + 1, (nd, 1), generator=g)
+    else:
+        q_valid = torch.rand(nq, lq, generator=g) > 0.3
+        d_valid = torch.rand(nd, ld, generator=g) > 0.3
+    q_valid[-1] = False  # an all-masked query
+    d_valid[0] = False  # an all-masked document
+    if nq > 1:
+        q_valid[0] = True
+    if nd > 1:
+        d_valid[-1] = True
+    return q_valid, d_valid
+
+
+def _inputs(nq, nd, lq, ld, dim, dtype, seed=0, integer=False, mask_kind="random"):
+    g = torch.Generator().manual_seed(seed)
+    if integer:  # exact dots, many ties
+        q = torch.randint(-2, 3, (nq, lq, dim), generator=g).float()
+        d = torch.randint(-2, 3, (nd, ld, dim), generator=g).float()
+    else:
+        q = torch.randn(nq, lq, dim, generator=g)
+        d = torch.randn(nd, ld, dim, generator=g)
+    q_valid, d_valid = _masks(nq, nd, lq, ld, g, mask_kind)
+    q_w = torch.rand(nq, lq, generator=g) * q_valid  # final weights: 0 on invalid tokens
+    d_w = torch.rand(nd, ld, generator=g) * d_valid
+    to = {"device": DEVICE}
+    return (q.to(dtype).to(**to), d.to(dtype).to(**to), q_w.to(**to), d_w.to(**to), q_valid.to(**to),
+            d_valid.to(**to))
+
+
+def _run(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q):
+    q_w, d_w = (q_w if q2d else None), (d_w if d2q else None)
+    return tri.maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q)
+
+
+def _check(out, ref, cands, q2d, d2q, atol, exact_idx):
+    """Compare the kernel's outputs with the fp64 reference; None exactly for directions not asked."""
+    for k, want in ((0, q2d), (3, d2q)):
+        s, idx, val = out[k:k + 3]
+        if not want:
+            assert s is None and idx is None and val is None
+            continue
+        r_s, r_idx, r_val = ref[k:k + 3]
+        assert s.dtype == torch.float32 and val.dtype == torch.float32 and idx.dtype == torch.int16
+        assert s.shape == r_s.shape and idx.shape == r_idx.shape and val.shape == r_val.shape
+        s, idx, val = s.cpu().double(), idx.cpu().long(), val.cpu().double()
+        torch.testing.assert_close(val, r_val, atol=atol, rtol=atol)
+        torch.testing.assert_close(s, r_s, atol=atol * max(1, r_idx.shape[-1]), rtol=atol)
+        assert torch.equal(idx == -1, r_idx == -1)  # "no valid token" exactly where the reference says so
+        if exact_idx:
+            assert torch.equal(idx, r_idx)
+            continue
+        # Random inputs: the kernel's index must point at a maximum, and equal the reference where clear.
+        cand = cands[k // 3]  # [Nq, Nd, L_own, L_other], masked
+        found = idx >= 0
+        at = cand.gather(3, idx.clamp(min=0).unsqueeze(3)).squeeze(3)
+        assert torch.all((at - r_val).abs()[found] <= atol * (1 + r_val.abs()[found]))
+        if cand.shape[3] >= 2:
+            top2 = cand.topk(2, dim=3).values
+            clear = (top2[..., 0] - top2[..., 1]) > 1e-2
+            assert torch.equal(idx[clear & found], r_idx[clear & found]) or not torch.any(clear & found)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("zero_mode", [False, True], ids=["exclude", "zero"])
+def test_fp32_random(shape, zero_mode):
+    """Both directions (one sweep where possible) on random fp32 inputs with random masks."""
+    args = _inputs(*shape, torch.float32, seed=1)
+    ref, cands = _ref(*args, zero_mode)
+    _check(_run(*args, zero_mode, True, True), ref, cands, True, True, 1e-5, exact_idx=False)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("directions", DIRECTIONS, ids=["both", "q2d", "d2q"])
+@pytest.mark.parametrize("zero_mode", [False, True], ids=["exclude", "zero"])
+def test_integer_exact_ties(shape, directions, zero_mode):
+    """Integer-valued inputs: exact dots, frequent ties; values, indices (lowest on ties) and scores exact."""
+    q2d, d2q = directions
+    args = _inputs(*shape, torch.float32, seed=2, integer=True, mask_kind="ragged")
+    ref, cands = _ref(*args, zero_mode)
+    _check(_run(*args, zero_mode, q2d, d2q), ref, cands, q2d, d2q, 1e-6, exact_idx=True)
+
+
+def test_duplicated_tokens_lowest_index():
+    """Duplicated doc tokens (same tile and a later v block) and query tokens: the lowest index wins."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-1, 2, (2, 6, 8), generator=g).float()
+    d = torch.randint(-1, 2, (3, 40, 8), generator=g).float()
+    q[..., 0], d[..., 0] = 3.0, 3.0
+    e0 = torch.zeros(8)
+    e0[0] = 10.0
+    d[:, 3] = d[:, 7] = d[:, 35] = e0  # dots 30 (100 for q tokens 1, 4) vs <= 16: every q token's max
+    q[:, 1] = q[:, 4] = e0  # every doc token's max over the query tokens
+    q_valid = torch.ones(2, 6, dtype=torch.bool)
+    d_valid = torch.ones(3, 40, dtype=torch.bool)
+    args = tuple(t.to(DEVICE) for t in (q, d, q_valid.float(), d_valid.float(), q_valid, d_valid))
+    for zero_mode in (False, True):
+        out = _run(*args, zero_mode, True, True)
+        assert torch.all(out[1].cpu() == 3) and torch.all(out[4].cpu() == 1)
+        ref, cands = _ref(*args, zero_mode)
+        _check(out, ref, cands, True, True, 1e-6, exact_idx=True)
+
+
+def test_fp16():
+    """fp16 inputs against fp64 on the same upcast inputs (fp32 accumulation: loose tolerance)."""
+    for shape in (SHAPES[0], SHAPES[1]):
+        args = _inputs(*shape, torch.float16, seed=4)
+        ref, cands = _ref(*args, False)
+        _check(_run(*args, False, True, True), ref, cands, True, True, 1e-3, exact_idx=False)
+    args = _inputs(*SHAPES[0], torch.float16, seed=5, integer=True, mask_kind="ragged")
+    ref, cands = _ref(*args, True)
+    _check(_run(*args, True, True, True), ref, cands, True, True, 1e-6, exact_idx=True)
+
+
+@pytest.mark.skipif(INTERPRET, reason="bf16 is wrong in Triton's interpreter: GPU only")
+def test_bf16_gpu():
+    args = _inputs(*SHAPES[0], torch.bfloat16, seed=6, integer=True, mask_kind="ragged")
+    ref, cands = _ref(*args, False)
+    _check(_run(*args, False, True, True), ref, cands, True, True, 1e-6, exact_idx=True)
+
+
+def test_strided_inputs():
+    """Entity/token strides are passed through; a non-unit D stride is made contiguous."""
+    args = list(_inputs(3, 4, 5, 9, 17, torch.float32, seed=7))
+    q = torch.zeros(3, 10, 17, device=DEVICE)[:, ::2]  # token stride 2·D
+    q.copy_(args[0])
+    d = args[1].transpose(0, 1).contiguous().transpose(0, 1)  # [Nd, Ld, D] with stride(0) < stride(1)
+    dq = args[0].transpose(1, 2).contiguous().transpose(1, 2)  # D stride != 1
+    ref, cands = _ref(*args, False)
+    _check(_run(q, d, *args[2:], False, True, True), ref, cands, True, True, 1e-5, exact_idx=False)
+    _check(_run(dq, d, *args[2:], False, True, True), ref, cands, True, True, 1e-5, exact_idx=False)
+
+
+def test_empty_and_errors():
+    args = _inputs(2, 3, 4, 5, 6, torch.float32, seed=8)
+    # No doc tokens: every query token has no max (0, -1); no query tokens: same for d2q.
+    q, d, q_w, d_w, qv, dv = args
+    out = _run(q, d[:, :0], q_w, d_w[:, :0], qv, dv[:, :0], False, True, True)
+    assert torch.all(out[0] == 0) and torch.all(out[1] == -1) and torch.all(out[2] == 0)
+    assert out[4].shape == (2, 3, 0) and torch.all(out[3] == 0)
+    out = _run(q[:0], d, q_w[:0], d_w, qv[:0], dv, True, True, True)
+    assert out[0].shape == (0, 3) and out[4].shape == (0, 3, 5)
+    with pytest.raises(TypeError, match="cpu"):
+        _run(q.double(), d.double(), q_w, d_w, qv, dv, False, True, True)
+    with pytest.raises(TypeError):
+        _run(q, d.half(), q_w, d_w, qv, dv, False, True, True)
+
+
+def test_need_aux_false_and_index_dtype():
+    """Forward without gradients: the same scores, no indices or values; int32 indices past 32767 tokens."""
+    args = _inputs(*SHAPES[0], torch.float32, seed=9)
+    full = _run(*args, False, True, True)
+    for q2d, d2q in DIRECTIONS:
+        q, d, q_w, d_w, qv, dv = args
+        out = tri.maxsim_fwd(q, d, q_w if q2d else None, d_w if d2q else None, qv, dv, False, q2d, d2q,
+                             need_aux=False)
+        assert all(out[k] is None for k in (1, 2, 4, 5))
+        for k, on in ((0, q2d), (3, d2q)):
+            assert (out[k] is None) != on
+            if on:
+                torch.testing.assert_close(out[k], full[k], atol=1e-6, rtol=1e-6)
+    assert tri._index_dtype(32767) == torch.int16 and tri._index_dtype(32768) == torch.int32
+
+
+# ------------------------------------------------------------------------------------- public functions
+
+_HAS_PUBLIC = importlib.util.find_spec("xloss.late_interaction.cpu") is not None
+public = pytest.mark.skipif(not _HAS_PUBLIC, reason="xloss.late_interaction's public functions are not there")
+
+
+def _public_inputs(seed, nq=3, nd=4, lq=5, ld=17, dim=9):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(nq, lq, dim, generator=g, dtype=torch.float64).float()
+    d = torch.randn(nd, ld, dim, generator=g, dtype=torch.float64).float()
+    q_mask, d_mask = _masks(nq, nd, lq, ld, g, "ragged")
+    q_mask[-1, 0] = True  # keep the queries scoring something (an all-masked document stays)
+    q_wt = torch.rand(nq, lq, generator=g) + 0.5
+    d_wt = torch.rand(nd, ld, generator=g) + 0.5
+    return [t.to(DEVICE) for t in (q, d, q_mask, d_mask, q_wt, d_wt)]
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    """Records the ``need_aux`` of every call of the Triton engine (proves the public path ran it)."""
+    calls = []
+    inner = tri.maxsim_fwd
+
+    def spy(*args, need_aux=True):
+        calls.append(need_aux)
+        return inner(*args, need_aux=need_aux)
+
+    monkeypatch.setattr(tri, "maxsim_fwd", spy)
+    return calls
+
+
+def _grads(fn, tensors):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    g = torch.Generator().manual_seed(11)
+    out.backward(torch.randn(out.shape, generator=g).to(out.device))  # grad_output != 1
+    return out.detach(), [t.grad for t in leaves]
+
+
+@public
+@pytest.mark.parametrize("direction", ["q2d", "d2q", "both"])
+@pytest.mark.parametrize("mask_mode", ["exclude", "zero"])
+def test_maxsim_public_vs_reference(direction, mask_mode, engine_calls):
+    """``xloss.maxsim(backend="triton")`` against ``backend="reference"``: scores and all gradients, fp32."""
+    import xloss
+
+    q, d, q_mask, d_mask, q_wt, d_wt = _public_inputs(12)
+    reduction = "mean" if direction == "both" else "sum"
+
+    def run(backend):
+        def f(q, d, q_wt, d_wt):
+            return xloss.maxsim(q, d, q_mask, d_mask, reduction=reduction, mask_mode=mask_mode, direction=direction,
+                                q_weights=q_wt if direction != "d2q" else None,
+                                d_weights=d_wt if direction != "q2d" else None, backend=backend)
+        return _grads(f, (q, d, q_wt, d_wt))
+
+    out, grads = run("triton")
+    assert engine_calls == [True]
+    r_out, r_grads = run("reference")
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, r_grads):
+        if rg is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+
+
+@public
+@pytest.mark.parametrize("direction", ["q2d", "both"])
+def test_late_interaction_loss_public_vs_reference(direction, engine_calls):
+    """``late_interaction_loss(backend="triton")`` against the reference: loss and gradients (q, d, scale)."""
+    import xloss
+
+    q, d, q_mask, d_mask, _, _ = _public_inputs(13, nq=4, nd=4, lq=33, ld=6, dim=5)
+    scale = torch.tensor(3.0, device=DEVICE)
+
+    def run(backend):
+        def f(q, d, scale):
+            return xloss.late_interaction_loss(q, d, q_mask, d_mask, logit_scale=scale, direction=direction,
+                                               label_smoothing=0.1, backend=backend)
+        return _grads(f, (q, d, scale))
+
+    out, grads = run("triton")
+    assert engine_calls == [True]
+    r_out, r_grads = run("reference")
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, r_grads):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+
+
+@public
+def test_maxsim_public_no_grad(engine_calls):
+    """Forward under no_grad: the public path asks the engine for scores only (need_aux=False)."""
+    import xloss
+
+    q, d, q_mask, d_mask, _, _ = _public_inputs(14)
+    with torch.no_grad():
+        out = xloss.maxsim(q, d, q_mask, d_mask, direction="both", backend="triton")
+    assert engine_calls == [False]
+    ref = xloss.maxsim(q, d, q_mask, d_mask, direction="both", backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

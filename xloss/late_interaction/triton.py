@@ -1,0 +1,365 @@
+"""The Triton path of late interaction (MaxSim): the forward sweep as one fused GPU kernel.
+
+Same engine interface as ``cpu.py`` (the autograd Function in ``__init__`` does the rest; the backward is a
+torch gather/scatter from the arg-max indices written here):
+
+* ``maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q)``: ``_maxsim_kernel``.  The kernel is
+  written for a generic pair of token sets, "rows" ``x [Nx, Lx, D]`` and "columns" ``y [Ny, Ly, D]``.  A
+  program owns ``BLOCK_A`` row entities (queries) and a contiguous range of column entities (documents).
+  Their tokens are packed into the rows of one tile, ``BLOCK_M = BLOCK_A · T_PAD`` (row ``r`` is token
+  ``r % T_PAD`` of entity ``r // T_PAD``; ``T_PAD = next_power_of_2(Lx)``), so that short queries (ColBERT's
+  32 tokens) still give tensor-core-sized dots and every loaded document tile serves ``BLOCK_A`` queries.
+  For each document ``b`` the program walks the document's tokens in ``BLOCK_V`` blocks and computes the
+  similarity tile ``sim [BLOCK_M, BLOCK_V]`` with ``tl.dot`` (fp32 accumulation, over ``BLOCK_D`` chunks of
+  D when D is large; the row block stays in registers for the whole document loop when D fits one chunk).
+  From that one tile:
+
+  - the row direction (``ROW``, q2d when rows are queries): a running max and arg-max over the column tokens
+    per row token.  Masked columns are ``-inf`` (padding always; invalid tokens in exclude mode), invalid
+    tokens are ``0`` in zero mode.  Within a tile the arg-max is the lowest index among the equal maxima
+    (``min(where(sim == rowmax, v, BIG))``) and the running state only moves on a strictly greater tile max,
+    so ties go to the lowest index, as ``torch.max``.  After the document's last block: ``-inf`` (no valid
+    token) becomes value 0 / index −1, ``val``/``idx`` are stored for every row token and
+    ``s[a, b] = Σ_t w[a, t]·val[a, b, t]`` (a segmented sum over the packed rows).
+  - the column direction (``COL``, d2q when rows are queries), only when all ``Lx`` tokens fit one tile: the
+    tile viewed as ``[BLOCK_A, T_PAD, BLOCK_V]`` gives, per query and document token, the max and arg-max
+    over the query's tokens (invalid/padded rows masked the same way), stored at once for every ``(a, b, v)``,
+    and ``Σ_v w'[b, v]·val'[a, b, v]`` accumulates per document across the v blocks.
+
+  So both directions come from the same similarity tile in one sweep.  The kernel is symmetric: with the
+  documents on the rows, its row direction is d2q and its column direction q2d, written through the strides
+  of the ``[Nq, Nd, L]`` outputs.  Long token sets: when ``Lx`` exceeds one tile (``MAX_T`` rows) the row
+  direction loops over row-token blocks (``BLOCK_A = 1``) with the column loop inside, and there is no
+  column direction.  So the launcher puts the queries on the rows (q2d, and d2q too when ``Lq`` fits a
+  tile); the documents when both directions are asked and only ``Ld`` fits; two one-direction launches
+  (rows = q for q2d, rows = d for d2q) when neither fits; and the documents for d2q alone.
+
+  Zero mode: the arg-max can be an invalid token (its score 0 won); that score is a constant, so the backward
+  must send no gradient through such an index.
+
+Every ``(a, b)`` pair, and every ``(a, b, token)`` output, is written by exactly one program: no atomics, no
+races, deterministic.  The document range of a program is a contiguous slice of ``docs_per_prog`` documents;
+the launchers split the documents only as much as needed to give the GPU enough programs (grid axis 1), and
+programs next to each other on axis 0 read the same documents (L2 reuse).
+
+Precision: inputs are loaded in their dtype (fp32/fp16/bf16) and every dot accumulates in fp32; values,
+scores and weights are fp32, indices int16 (int32 when the other side has more than 32767 tokens).  Without
+gradients (``need_aux=False``) the kernel neither searches nor stores the indices and values, only scores.  fp32 inputs use IEEE fp32 dots when
+``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default) and TF32 otherwise.  float64 is not
+supported (TypeError): use the "cpu" backend for it.
+
+Tile sizes are fixed constants below, per dtype (smaller under ``TRITON_INTERPRET=1`` to keep CPU tests fast);
+there is no autotuning yet (``XLOSS_AUTOTUNE`` is not read).  Inputs need unit stride along D (the launcher
+calls ``.contiguous()`` otherwise); any entity and token strides are passed through.  Offsets are 64-bit
+(``Nq·Nd·L`` can pass 2³¹).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------- constants
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# ROWS_TARGET: rows of the similarity tile that the launcher aims for by packing several queries (BLOCK_A)
+# when their token sets are short; MAX_T: the most tokens of one entity a tile holds (longer sets loop over
+# row-token blocks of MAX_T).  Per input dtype: (BLOCK_V column tokens per tile, BLOCK_D chunk of D,
+# SINGLE_D_MAX, num_warps); D <= SINGLE_D_MAX is done in one chunk of next_power_of_2(D) (>= 16, tl.dot's
+# minimum) whose row block stays in registers.  The GPU settings were chosen from ptxas register reports for
+# sm_90 (no spills at 64 and 128 rows, D = 128): fp32 dots need far more registers than fp16/bf16 ones, hence
+# the smaller fp32 tiles; they are not tuned by timing yet.
+if _INTERPRET:  # small tiles: the interpreter runs every block op in numpy; tests use L, D up to ~33
+    ROWS_TARGET = 32
+    MAX_T = 32
+    HALF_CONFIG = FP32_CONFIG = (16, 16, 32, 4)
+    TARGET_PROGRAMS = 4  # so that tiny test shapes still exercise both the document loop and the split
+else:
+    ROWS_TARGET = 64
+    MAX_T = 128
+    HALF_CONFIG = (64, 64, 128, 8)
+    FP32_CONFIG = (32, 32, 32, 8)
+    TARGET_PROGRAMS = None  # None: 8 programs per SM of the current GPU
+NUM_STAGES = 2
+
+_NO_INDEX = tl.constexpr(1 << 30)  # larger than any token index: the neutral element of the arg-max min()
+
+# ------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _maxsim_kernel(
+    x_ptr, y_ptr,  # [Nx, Lx, D], [Ny, Ly, D] fp32/fp16/bf16, unit stride along D: the row / column token sets
+    wx_ptr,  # [Nx, Lx] fp32 contiguous: token weights of the row direction (ROW)
+    xv_ptr,  # [Nx, Lx] uint8 contiguous: row-token validity (COL)
+    yv_ptr,  # [Ny, Ly] uint8 contiguous: column-token validity (ROW)
+    wy_ptr,  # [Ny, Ly] fp32 contiguous: token weights of the column direction (COL)
+    s_r_ptr, val_r_ptr, idx_r_ptr,  # ROW out: s [x, y] fp32; val fp32 / idx int16|32 [x, y, Lx], unit stride
+    s_c_ptr, val_c_ptr, idx_c_ptr,  # COL out: the same with [x, y, Ly]
+    Nx, Ny, Lx, Ly, D,
+    stride_xn, stride_xl, stride_yn, stride_yl,
+    stride_srx, stride_sry, stride_vrx, stride_vry,  # ROW outputs: strides over (row entity, column entity)
+    stride_scx, stride_scy, stride_vcx, stride_vcy,  # COL outputs: the same
+    docs_per_prog,  # column entities per program (grid axis 1)
+    BLOCK_A: tl.constexpr,  # row entities per program, packed into the tile rows (1 when Lx > T_PAD)
+    T_PAD: tl.constexpr,  # row tokens per entity per tile (power of 2; >= Lx unless BLOCK_A == 1 and not COL)
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,  # D <= BLOCK_D: one dot per tile
+    HOIST_X: tl.constexpr,  # SINGLE_D and Lx <= T_PAD: load the row block once, outside the document loop
+    ZERO_MODE: tl.constexpr,  # invalid tokens score 0 and compete (else: they never win, -inf)
+    ROW: tl.constexpr, COL: tl.constexpr,  # which directions to compute (COL needs Lx <= T_PAD)
+    AUX: tl.constexpr,  # also find and store the per-token maxima and arg-max indices (for the backward)
+    INPUT_PRECISION: tl.constexpr,
+):
+    # grid: (cdiv(Nx, BLOCK_A), cdiv(Ny, docs_per_prog))
+    BLOCK_M: tl.constexpr = BLOCK_A * T_PAD
+    pid_a = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_M)
+    t_loc = offs_r % T_PAD  # [BLOCK_M] token of the row within its entity's current token block
+    a_row = pid_a * BLOCK_A + offs_r // T_PAD  # [BLOCK_M] int64 row entity of each tile row
+    a_row_ok = a_row < Nx
+    a_blk = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)  # [BLOCK_A] int64 row entities of this program
+    a_blk_ok = a_blk < Nx
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v0 = tl.arange(0, BLOCK_V)
+    if HOIST_X:
+        x_ok0 = a_row_ok & (t_loc < Lx)
+        x_blk = tl.load(x_ptr + a_row[:, None] * stride_xn + t_loc[:, None] * stride_xl + offs_d[None, :],
+                        mask=x_ok0[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
+    if COL:
+        # Row-token validity for the column direction (Lx <= T_PAD: the one token block is t_loc itself).
+        xv = tl.load(xv_ptr + a_row * Lx + t_loc, mask=a_row_ok & (t_loc < Lx), other=0) != 0  # [BLOCK_M]
+        t_ar = tl.arange(0, T_PAD)[None, :, None]  # [1, T_PAD, 1] token index along the reshaped tile
+    b_lo = pid_b * docs_per_prog
+    b_hi = tl.minimum(b_lo + docs_per_prog, Ny)
+    for b in range(b_lo, b_hi):
+        s_r = tl.zeros([BLOCK_A], dtype=tl.float32)
+        s_c = tl.zeros([BLOCK_A], dtype=tl.float32)
+        for t0 in range(0, Lx, T_PAD):  # one iteration unless a long row set loops over token blocks
+            t_row = t0 + t_loc  # [BLOCK_M]
+            row_ok = a_row_ok & (t_row < Lx)
+            x_off = a_row * stride_xn + t_row * stride_xl  # [BLOCK_M] int64
+            run_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            run_idx = tl.full([BLOCK_M], -1, dtype=tl.int32)
+            for v0 in range(0, Ly, BLOCK_V):
+                offs_v = v0 + offs_v0  # [BLOCK_V]
+                v_ok = offs_v < Ly
+                y_off = b * stride_yn + offs_v * stride_yl  # [BLOCK_V] int64
+                if HOIST_X:
+                    y_blk = tl.load(y_ptr + y_off[:, None] + offs_d[None, :],  # [BLOCK_V, BLOCK_D]
+                                    mask=v_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                    sim = tl.dot(x_blk, tl.trans(y_blk), input_precision=INPUT_PRECISION)
+                else:
+                    sim = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+                    for d0 in range(0, D, BLOCK_D):
+                        offs_dc = d0 + offs_d
+                        dc_ok = offs_dc < D
+                        x_c = tl.load(x_ptr + x_off[:, None] + offs_dc[None, :],
+                                      mask=row_ok[:, None] & dc_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+                        y_c = tl.load(y_ptr + y_off[:, None] + offs_dc[None, :],
+                                      mask=v_ok[:, None] & dc_ok[None, :], other=0.0)  # [BLOCK_V, BLOCK_D]
+                        sim += tl.dot(x_c, tl.trans(y_c), input_precision=INPUT_PRECISION)
+                # sim: [BLOCK_M, BLOCK_V] fp32; masked rows/columns read zeros, so every entry is finite.
+                if ROW:
+                    yv = tl.load(yv_ptr + b * Ly + offs_v, mask=v_ok, other=0) != 0  # [BLOCK_V]
+                    if ZERO_MODE:
+                        s_row = tl.where(v_ok[None, :], tl.where(yv[None, :], sim, 0.0), float("-inf"))
+                    else:
+                        s_row = tl.where(yv[None, :], sim, float("-inf"))
+                    t_max = tl.max(s_row, 1)  # [BLOCK_M]
+                    if AUX:
+                        t_arg = tl.min(tl.where(s_row == t_max[:, None], offs_v[None, :], _NO_INDEX), 1)
+                        upd = t_max > run_max  # strictly greater: lower indices keep ties; -inf never wins
+                        run_idx = tl.where(upd, t_arg, run_idx)
+                    run_max = tl.maximum(run_max, t_max)
+                if COL:
+                    if ZERO_MODE:  # padded rows never compete; invalid rows score 0
+                        s_col = tl.where((t_loc < Lx)[:, None], tl.where(xv[:, None], sim, 0.0),
+                                         float("-inf"))
+                    else:
+                        s_col = tl.where(xv[:, None], sim, float("-inf"))  # xv is False on padded rows
+                    s3 = tl.reshape(s_col, (BLOCK_A, T_PAD, BLOCK_V))
+                    c_max = tl.max(s3, 1)  # [BLOCK_A, BLOCK_V]
+                    found = c_max > float("-inf")
+                    c_val = tl.where(found, c_max, 0.0)
+                    if AUX:
+                        c_arg = tl.min(tl.where(s3 == c_max[:, None, :], t_ar, _NO_INDEX), 1)
+                        c_arg = tl.where(found, c_arg, -1)
+                        c_off = a_blk[:, None] * stride_vcx + b * stride_vcy + offs_v[None, :]  # [A, V] int64
+                        c_mask = a_blk_ok[:, None] & v_ok[None, :]
+                        tl.store(val_c_ptr + c_off, c_val, mask=c_mask)
+                        tl.store(idx_c_ptr + c_off, c_arg.to(idx_c_ptr.dtype.element_ty), mask=c_mask)
+                    wy = tl.load(wy_ptr + b * Ly + offs_v, mask=v_ok, other=0.0)  # [BLOCK_V]
+                    s_c += tl.sum(c_val * wy[None, :], 1)
+            if ROW:
+                found_r = run_max > float("-inf")
+                val = tl.where(found_r, run_max, 0.0)  # run_idx is still -1 where nothing was found
+                if AUX:
+                    r_off = a_row * stride_vrx + b * stride_vry + t_row  # [BLOCK_M] int64
+                    tl.store(val_r_ptr + r_off, val, mask=row_ok)
+                    tl.store(idx_r_ptr + r_off, run_idx.to(idx_r_ptr.dtype.element_ty), mask=row_ok)
+                wx = tl.load(wx_ptr + a_row * Lx + t_row, mask=row_ok, other=0.0)  # [BLOCK_M]
+                s_r += tl.sum(tl.reshape(wx * val, (BLOCK_A, T_PAD)), 1)
+        if ROW:
+            tl.store(s_r_ptr + a_blk * stride_srx + b * stride_sry, s_r, mask=a_blk_ok)
+        if COL:
+            tl.store(s_c_ptr + a_blk * stride_scx + b * stride_scy, s_c, mask=a_blk_ok)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_INT16_TOKENS = 32767  # token counts up to this get int16 arg-max indices, int32 beyond (as cpu.py)
+
+
+def _index_dtype(length: int) -> torch.dtype:
+    return torch.int16 if length <= _INT16_TOKENS else torch.int32
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # allowed TF32 for fp32; ignored by tl.dot for half inputs
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if TARGET_PROGRAMS is not None:
+        return TARGET_PROGRAMS
+    if device.type != "cuda":
+        return 1
+    return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(2) == 1 else t.contiguous()
+
+
+def _launch(x, y, wx, xv, yv, wy, zero_mode: bool, row: bool, col: bool, out_r, out_c, aux: bool):
+    """One ``_maxsim_kernel`` sweep with ``x`` on the tile rows and ``y`` on the columns.
+
+    ``out_r``/``out_c``: ``(s, val, idx)`` of the row / column direction, or None; ``s`` is indexed
+    ``[x entity, y entity]`` and ``val``/``idx`` ``[x entity, y entity, token]`` through their strides (token
+    stride 1), so a transposed view of a ``[Nq, Nd, ...]`` output lets rows be the documents.  ``aux``:
+    ``val``/``idx`` are tensors to fill (else None).
+    """
+    nx, lx, d = x.shape
+    ny, ly = y.shape[0], y.shape[1]
+    lx_pad = triton.next_power_of_2(lx)
+    if lx_pad <= MAX_T:
+        t_pad = lx_pad
+        block_a = max(1, ROWS_TARGET // t_pad)
+        block_a = min(block_a, triton.next_power_of_2(nx))  # no wasted rows for a handful of queries
+        block_a = max(block_a, 16 // t_pad, 1)  # tl.dot needs >= 16 rows
+    else:
+        assert not col, "the column direction needs the whole row token set in one tile"
+        t_pad, block_a = MAX_T, 1
+    block_m = block_a * t_pad
+    block_v, chunk, single_d_max, num_warps = FP32_CONFIG if x.dtype == torch.float32 else HALF_CONFIG
+    single_d = d <= single_d_max
+    block_d = max(16, triton.next_power_of_2(d)) if single_d else chunk
+    hoist_x = single_d and lx <= t_pad
+    row_blocks = triton.cdiv(nx, block_a)
+    split = max(1, min(ny, triton.cdiv(_target_programs(x.device), row_blocks)))
+    per = triton.cdiv(ny, split)
+    split = triton.cdiv(ny, per)
+    dummy = wx  # never read or written: its constexpr flag is off
+    s_r, val_r, idx_r = out_r if row and aux else (out_r[0], dummy, dummy) if row else (dummy, dummy, dummy)
+    s_c, val_c, idx_c = out_c if col and aux else (out_c[0], dummy, dummy) if col else (dummy, dummy, dummy)
+    _maxsim_kernel[(row_blocks, split)](
+        x, y, wx if row else dummy, xv if col else yv, yv if row else xv, wy if col else dummy,
+        s_r, val_r, idx_r, s_c, val_c, idx_c,
+        nx, ny, lx, ly, d,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        s_r.stride(0) if row else 0, s_r.stride(1) if row else 0,
+        val_r.stride(0) if row and aux else 0, val_r.stride(1) if row and aux else 0,
+        s_c.stride(0) if col else 0, s_c.stride(1) if col else 0,
+        val_c.stride(0) if col and aux else 0, val_c.stride(1) if col and aux else 0,
+        per,
+        BLOCK_A=block_a, T_PAD=t_pad, BLOCK_V=block_v, BLOCK_D=block_d, SINGLE_D=single_d, HOIST_X=hoist_x,
+        ZERO_MODE=zero_mode, ROW=row, COL=col, AUX=aux, INPUT_PRECISION=_input_precision(x.dtype),
+        num_warps=num_warps if block_m * block_v > 2048 else 4, num_stages=NUM_STAGES,
+    )
+
+
+def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *,
+               need_aux: bool = True):
+    """MaxSim scores, per-token maxima and arg-max indices of one or both directions, one sweep.
+
+    Args:
+        q: ``[Nq, Lq, D]``; d: ``[Nd, Ld, D]``: float32/float16/bfloat16, same dtype and device.
+        q_w: ``[Nq, Lq]`` final token weights of the q2d direction (0 for invalid tokens), or None if not q2d.
+        d_w: ``[Nd, Ld]`` final token weights of the d2q direction, or None if not d2q.
+        q_valid: ``[Nq, Lq]`` bool; d_valid: ``[Nd, Ld]`` bool.
+        zero_mode: invalid tokens score exactly 0 and still compete for the max (else they never win).
+        q2d, d2q: which directions to compute.
+        need_aux: also return the arg-max indices and max values (for the backward); False returns None for
+            them, and the kernel neither searches nor stores them (forward without gradients).
+
+    Returns:
+        ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)``, None for a direction not asked.
+        ``s_q2d [Nq, Nd]`` fp32 ``= Σ_t q_w[a, t]·val_q2d[a, b, t]``; ``val_q2d [Nq, Nd, Lq]`` fp32 the max
+        over the doc tokens of ``<q_at, d_bv>`` (0 where no doc token is valid, exclude mode);
+        ``idx_q2d [Nq, Nd, Lq]`` int16 its arg-max (lowest index on ties, −1 where no doc token is valid;
+        int32 when ``Ld > 32767``).
+        d2q the same with the roles swapped: ``[Nq, Nd]``, ``[Nq, Nd, Ld]``,
+        ``s_d2q = Σ_v d_w[b, v]·val_d2q``.
+    """
+    if q.dtype not in _SUPPORTED or d.dtype != q.dtype:
+        raise TypeError(
+            f"the triton backend of maxsim supports float32, float16 and bfloat16 inputs, got q {q.dtype} "
+            f"and d {d.dtype}; use backend='cpu' for float64"
+        )
+    nq, lq = q.shape[0], q.shape[1]
+    nd, ld = d.shape[0], d.shape[1]
+    dev = q.device
+    f32 = {"dtype": torch.float32, "device": dev}
+    outs = [None] * 6
+    for k, on, own, other in ((0, q2d, lq, ld), (3, d2q, ld, lq)):
+        if on:
+            outs[k] = torch.empty(nq, nd, **f32)
+            if need_aux:
+                outs[k + 1] = torch.empty(nq, nd, own, dtype=_index_dtype(other), device=dev)
+                outs[k + 2] = torch.empty(nq, nd, own, **f32)
+    if not (q2d or d2q):
+        return tuple(outs)
+    if min(nq, nd, lq, ld) == 0:  # nothing to sweep: no token to take a max over -> value 0, index -1
+        for i in range(6):
+            if outs[i] is not None:
+                outs[i].fill_(-1 if i % 3 == 1 else 0)
+        return tuple(outs)
+    q, d = _tokens(q), _tokens(d)
+    qv = q_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
+    dv = d_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
+    qw = q_w.to(**f32).contiguous() if q2d else None
+    dw = d_w.to(**f32).contiguous() if d2q else None
+    # (s, val, idx) indexed [x, y, ...] for each launch; ``.transpose(0, 1)`` when the rows are documents.
+    o_q2d = (outs[0], outs[2], outs[1]) if q2d else None
+    o_d2q = (outs[3], outs[5], outs[4]) if d2q else None
+
+    def t(o):
+        return None if o is None else tuple(None if z is None else z.transpose(0, 1) for z in o)
+
+    def fits(n):
+        return triton.next_power_of_2(n) <= MAX_T
+
+    if q2d and d2q and not fits(lq) and not fits(ld):  # no tile holds a whole token set: two sweeps
+        _launch(q, d, qw, qv, dv, None, zero_mode, True, False, o_q2d, None, need_aux)
+        _launch(d, q, dw, dv, qv, None, zero_mode, True, False, t(o_d2q), None, need_aux)
+    elif q2d and (fits(lq) or not d2q):  # rows = queries: q2d is ROW, d2q (if asked) is COL
+        _launch(q, d, qw, qv, dv, dw, zero_mode, True, d2q, o_q2d, o_d2q, need_aux)
+    elif q2d:  # both asked, only the doc token sets fit a tile: rows = documents
+        _launch(d, q, dw, dv, qv, qw, zero_mode, True, True, t(o_d2q), t(o_q2d), need_aux)
+    else:  # d2q only: rows = documents, one direction (any Ld)
+        _launch(d, q, dw, dv, qv, None, zero_mode, True, False, t(o_d2q), None, need_aux)
+    return tuple(outs)

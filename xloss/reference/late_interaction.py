@@ -1,0 +1,187 @@
+"""Naive late interaction (MaxSim, SPEC.md §3): builds the ``[Nq, Nd, Lq, Ld]`` similarity tensor.
+
+Token sets ``q [Nq, Lq, D]``, ``d [Nd, Ld, D]``, bool masks ``[Nq, Lq]``, ``[Nd, Ld]`` (None = all valid),
+similarities ``s_abtv = <q_at, d_bv>`` (``torch.einsum("qtd,cvd->qctv")``).
+
+* query→document (``"q2d"``, ColBERT):  ``S_ab = Σ_t wq_at · max_v s_abtv``
+* document→query (``"d2q"``):           ``S_ab = Σ_v wd_bv · max_t s_abtv``
+* ``"both"`` (FILIP / HBI "WTI"):       ``S_ab = ½(S^{q2d}_ab + S^{d2q}_ab)``
+
+Token weights ``wq = mask · q_weights`` (``q_weights`` default 1), divided by the number of valid query tokens
+for ``reduction="mean"`` (FILIP's mean over valid tokens; with weights that is ``Σ_t w_t·max / |valid|``);
+``wd`` likewise on the document side.  Masked-out tokens get weight 0 whatever their weight says.
+
+Mask modes:
+
+* ``"exclude"``: an invalid token never wins a max (its similarity is -inf); a token with no valid token on
+  the other side scores 0 and gets no gradient.
+* ``"zero"``: ``s`` is multiplied by the outer product of the masks (PyLate ``colbert_scores``): invalid
+  tokens score 0 and still compete.
+
+Ties go to the lowest index (``torch.max``), which is also where the gradient goes.
+
+``late_interaction_loss``: logits ``z = s·S``; ``"q2d"`` cross-entropy over the rows of ``s·S^{q2d}`` (each
+query against all documents, target ``labels[a]``, default ``a``); ``"d2q"`` over the columns of
+``s·S^{d2q}`` (for query a, column ``labels[a]`` as a row over all queries, target a: each document against
+all queries); ``"both"`` ``½(CE_rows(s·S^{q2d}) + CE_rows(s·S^{d2q}ᵀ))`` (FILIP).  Label smoothing as
+``F.cross_entropy``; ``reduction`` ``"mean"``, ``"sum"`` or ``"none"`` (per-query terms).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DIRECTIONS = ("q2d", "d2q", "both")
+
+
+def token_weights(valid: torch.Tensor, weights, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """``mask · weights`` (weights default 1, masked entries 0 whatever they hold), divided by the number of
+    valid tokens (at least 1) for ``reduction="mean"``."""
+    w = valid.to(dtype)
+    if weights is not None:
+        w = torch.where(valid, weights.to(dtype), torch.zeros((), dtype=dtype, device=valid.device))
+    if reduction == "mean":
+        w = w / valid.sum(-1, keepdim=True).clamp_min(1).to(dtype)
+    return w
+
+
+def _valid(mask, x: torch.Tensor) -> torch.Tensor:
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
+
+
+def _directional(sim, qv, dv, wq, wd, direction, mask_mode):
+    """``(S^{q2d}, S^{d2q})`` (None where not asked) from ``sim [A, B, Lq, Ld]``, masks broadcastable to
+    ``[A, B, Lq, 1]`` / ``[A, B, 1, Ld]`` and weights broadcastable to ``[A, B, Lq]`` / ``[A, B, Ld]``."""
+    s_q2d = s_d2q = None
+    if mask_mode == "zero":
+        x = sim * (qv & dv).to(sim.dtype)  # PyLate: scores * einsum("ah,bt->abht", qmask, dmask)
+        if direction in ("q2d", "both"):
+            s_q2d = (wq * x.max(-1).values).sum(-1)
+        if direction in ("d2q", "both"):
+            s_d2q = (wd * x.max(-2).values).sum(-1)
+        return s_q2d, s_d2q
+    zero = torch.zeros((), dtype=sim.dtype, device=sim.device)
+    if direction in ("q2d", "both"):
+        mx = sim.masked_fill(~dv, float("-inf")).max(-1).values  # [A, B, Lq]
+        mx = torch.where(dv.any(-1), mx, zero)  # no valid document token: 0, no gradient
+        s_q2d = (wq * mx).sum(-1)
+    if direction in ("d2q", "both"):
+        mx = sim.masked_fill(~qv, float("-inf")).max(-2).values  # [A, B, Ld]
+        mx = torch.where(qv.any(-2), mx, zero)
+        s_d2q = (wd * mx).sum(-1)
+    return s_q2d, s_d2q
+
+
+def maxsim_directional(q, d, q_mask=None, d_mask=None, *, reduction="sum", mask_mode="exclude", q_weights=None,
+                       d_weights=None, direction="q2d", pairs=False):
+    """``(S^{q2d}, S^{d2q})`` separately (None for a direction not asked): ``[Nq, Nd]``, or ``[N]`` for
+    ``pairs``.  Used by :func:`maxsim`, :func:`maxsim_pairs` and :func:`late_interaction_loss`."""
+    qv, dv = _valid(q_mask, q), _valid(d_mask, d)
+    dt = q.dtype
+    wq = token_weights(qv, q_weights, reduction, dt)
+    wd = token_weights(dv, d_weights, reduction, dt)
+    if pairs:
+        sim = torch.einsum("atd,avd->atv", q, d)[:, None]  # [N, 1, Lq, Ld]
+        qv4, dv4 = qv[:, None, :, None], dv[:, None, None, :]
+        wq3, wd3 = wq[:, None, :], wd[:, None, :]
+    else:
+        sim = torch.einsum("qtd,cvd->qctv", q, d)  # [Nq, Nd, Lq, Ld]: the tensor the fast paths never build
+        qv4, dv4 = qv[:, None, :, None], dv[None, :, None, :]
+        wq3, wd3 = wq[:, None, :], wd[None, :, :]
+    s_q2d, s_d2q = _directional(sim, qv4, dv4, wq3, wd3, direction, mask_mode)
+    if pairs:
+        s_q2d = None if s_q2d is None else s_q2d[:, 0]
+        s_d2q = None if s_d2q is None else s_d2q[:, 0]
+    return s_q2d, s_d2q
+
+
+def _combine(s_q2d, s_d2q, direction):
+    if direction == "q2d":
+        return s_q2d
+    if direction == "d2q":
+        return s_d2q
+    return (s_q2d + s_d2q) / 2
+
+
+def maxsim(q, d, q_mask=None, d_mask=None, *, reduction="sum", mask_mode="exclude", q_weights=None,
+           d_weights=None, direction="q2d"):
+    """Naive late-interaction scores of every query against every document.
+
+    Args:
+        q: ``[Nq, Lq, D]`` query tokens; d: ``[Nd, Ld, D]`` document tokens.
+        q_mask, d_mask: bool ``[Nq, Lq]``, ``[Nd, Ld]``, True = valid; None = all valid.
+        reduction: ``"sum"`` (ColBERT) or ``"mean"`` over valid tokens (FILIP).
+        mask_mode: ``"exclude"`` or ``"zero"`` (see the module docstring).
+        q_weights, d_weights: per-token weights ``[Nq, Lq]``, ``[Nd, Ld]`` (the q2d and d2q sums).
+        direction: ``"q2d"``, ``"d2q"`` or ``"both"``.
+
+    Returns:
+        ``S [Nq, Nd]``.
+    """
+    s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, reduction=reduction, mask_mode=mask_mode,
+                                      q_weights=q_weights, d_weights=d_weights, direction=direction)
+    return _combine(s_q2d, s_d2q, direction)
+
+
+def maxsim_pairs(q, d, q_mask=None, d_mask=None, *, reduction="sum", mask_mode="exclude", q_weights=None,
+                 d_weights=None, direction="q2d"):
+    """Naive aligned-pair scores ``S_a`` = :func:`maxsim` of query a against document a only (``Nq == Nd``).
+
+    Built from ``torch.einsum("atd,avd->atv")``; returns ``[N]``.
+    """
+    s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, reduction=reduction, mask_mode=mask_mode,
+                                      q_weights=q_weights, d_weights=d_weights, direction=direction, pairs=True)
+    return _combine(s_q2d, s_d2q, direction)
+
+
+def cross_entropy_terms(s_q2d, s_d2q, scale, labels, direction, label_smoothing):
+    """Per-query loss terms ``[Nq]`` from the two score matrices (see the module docstring)."""
+    nq = (s_q2d if s_q2d is not None else s_d2q).shape[0]
+    nd = (s_q2d if s_q2d is not None else s_d2q).shape[1]
+    targets = torch.arange(nq, device=(s_q2d if s_q2d is not None else s_d2q).device)
+    if labels is None:
+        labels = targets
+    rows = cols = None
+    if direction in ("q2d", "both"):
+        rows = F.cross_entropy(scale * s_q2d, labels, label_smoothing=label_smoothing, reduction="none")
+    if direction in ("d2q", "both"):
+        z = (scale * s_d2q).T  # [Nd, Nq]: row b = document b against all queries
+        columns = z if (labels is targets and nd == nq) else z[labels]
+        cols = F.cross_entropy(columns, targets, label_smoothing=label_smoothing, reduction="none")
+    if direction == "q2d":
+        return rows
+    if direction == "d2q":
+        return cols
+    return (rows + cols) / 2
+
+
+def late_interaction_loss(q, d, q_mask=None, d_mask=None, *, logit_scale, labels=None, direction="q2d",
+                          label_smoothing=0.0, reduction="mean", mask_mode="exclude", score_reduction=None,
+                          q_weights=None, d_weights=None):
+    """Naive late-interaction contrastive loss: :func:`maxsim` scores, then cross-entropy.
+
+    Args:
+        q, d, q_mask, d_mask, mask_mode, q_weights, d_weights: as :func:`maxsim`.
+        logit_scale: multiplicative scale ``s`` (float or 0-dim tensor).
+        labels: ``[Nq]`` index of each query's positive document; default ``arange(Nq)``.
+        direction: ``"q2d"`` (rows of ``s·S^{q2d}``), ``"d2q"`` (columns of ``s·S^{d2q}``) or ``"both"``
+            (FILIP: ``½(CE_rows(s·S^{q2d}) + CE_rows(s·S^{d2q}ᵀ))``).
+        label_smoothing: ``ε`` as ``F.cross_entropy``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-query terms ``[Nq]``).
+        score_reduction: the token reduction of the scores; default ``"sum"`` for ``"q2d"`` (ColBERT) and
+            ``"mean"`` for ``"d2q"``/``"both"`` (FILIP).
+
+    Returns:
+        The loss (0-dim) or the per-query terms ``[Nq]``.
+    """
+    if score_reduction is None:
+        score_reduction = "sum" if direction == "q2d" else "mean"
+    s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, reduction=score_reduction, mask_mode=mask_mode,
+                                      q_weights=q_weights, d_weights=d_weights, direction=direction)
+    terms = cross_entropy_terms(s_q2d, s_d2q, logit_scale, labels, direction, label_smoothing)
+    if reduction == "mean":
+        return terms.mean()
+    if reduction == "sum":
+        return terms.sum()
+    return terms
