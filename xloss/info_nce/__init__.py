@@ -162,4 +162,4 @@ def info_nce(
     )
 
 
-__all__ = ["info_nce", "InfoNCEFunction"]
+__all__ = ["InfoNCEFunction", "info_nce"]

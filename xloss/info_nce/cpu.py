@@ -19,21 +19,16 @@ Triton is missing.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .._tiling import accumulation_dtype, budget_bytes, upcast  # noqa: F401 (accumulation_dtype: part of the engine API)
 
 DEFAULT_TILE_BYTES = 64 * 2**20
 STRIPS = 2  # buffers of rows × M alive at once in either sweep
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; every other float type accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _budget() -> int:
-    return int(float(os.environ.get("XLOSS_CPU_TILE_MB", DEFAULT_TILE_BYTES / 2**20)) * 2**20)
+    return budget_bytes(DEFAULT_TILE_BYTES)
 
 
 def _strip_rows(n: int, m: int, itemsize: int) -> int:
@@ -45,10 +40,6 @@ def _keeps_logits(n: int, m: int, itemsize: int) -> bool:
     """Small problems: the whole logits matrix, kept from forward to backward beside the two working strips,
     fits the budget, so backward skips its recomputing GEMM (3 sweeps instead of 4)."""
     return (STRIPS + 1) * n * m * itemsize <= _budget()
-
-
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.to(accumulation_dtype(t.dtype)).contiguous()
 
 
 def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, labels: torch.Tensor):
@@ -70,7 +61,7 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
         ``logits``: the whole ``[N, M]`` logits when they fit the budget (see ``_keeps_logits``), for ``grad``
         to reuse, else None.
     """
-    q, k = _upcast(q), _upcast(k)
+    q, k = upcast(q), upcast(k)
     qs = q * scale.to(q.dtype)
     n, m = q.shape[0], k.shape[0]
     rows = _strip_rows(n, m, q.element_size())
@@ -139,7 +130,7 @@ def grad(q, k, scale, row, col, a, w, logits=None):
         ``dq_u = P k`` ``[N, D]`` and ``dk_u = Pᵀ q`` ``[M, D]``, in the accumulation dtype, for
         ``P_ij = a_i·softmax_j(z_i·)_ij + w_j·softmax_i(z_·j)_ij``.
     """
-    q, k = _upcast(q), _upcast(k)
+    q, k = upcast(q), upcast(k)
     acc = q.dtype
     qs = q * scale.to(acc)
     n, m = q.shape[0], k.shape[0]

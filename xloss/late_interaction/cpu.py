@@ -21,16 +21,13 @@ Nothing here is CPU-specific: this is also the fallback on CUDA tensors when Tri
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from .. import _tiling
+from .._tiling import accumulation_dtype, upcast
+
 DEFAULT_TILE_BYTES = 8 * 2**20
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; every other float type accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def index_dtype(length: int) -> torch.dtype:
@@ -40,8 +37,7 @@ def index_dtype(length: int) -> torch.dtype:
 
 def budget_bytes() -> int:
     """The working-set budget in bytes: ``XLOSS_CPU_TILE_MB`` (MiB, may be fractional), default 8 MiB."""
-    env = os.environ.get("XLOSS_CPU_TILE_MB", "").strip()
-    return max(1, int(float(env) * 2**20)) if env else DEFAULT_TILE_BYTES
+    return _tiling.budget_bytes(DEFAULT_TILE_BYTES)
 
 
 def tile_blocks(nq: int, lq: int, nd: int, ld: int, itemsize: int) -> tuple[int, int]:
@@ -53,10 +49,6 @@ def tile_blocks(nq: int, lq: int, nd: int, ld: int, itemsize: int) -> tuple[int,
     if bd == nd:  # the documents fit whole: give the rest of the budget to the queries
         bq = max(1, min(nq, elems // (nd * ld * lq)))
     return bq, bd
-
-
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.to(accumulation_dtype(t.dtype)).contiguous()
 
 
 def _zero_invalid(x: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> torch.Tensor:
@@ -110,7 +102,7 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
     dev = q.device
     nq, lq, dim = q.shape
     nd, ld, _ = d.shape
-    qf, df = _upcast(q), _upcast(d)
+    qf, df = upcast(q), upcast(d)
     q_all, d_all = bool(q_valid.all()), bool(d_valid.all())
     bias_v = bias_t = None
     if zero_mode:
@@ -178,7 +170,7 @@ def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: boo
     dev = q.device
     n, lq, _ = q.shape
     ld = d.shape[1]
-    qf, df = _upcast(q), _upcast(d)
+    qf, df = upcast(q), upcast(d)
     q_all, d_all = bool(q_valid.all()), bool(d_valid.all())
     bias_v = bias_t = None
     if zero_mode:

@@ -1,0 +1,24 @@
+"""What the chunked PyTorch paths of every family share: the accumulation dtype and the working budget."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; every other float type (fp32, fp16, bf16) accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its accumulation dtype, contiguous (no copy when it already is)."""
+    return t.to(accumulation_dtype(t.dtype)).contiguous()
+
+
+def budget_bytes(default: int) -> int:
+    """The working-set budget of a chunked path in bytes: ``XLOSS_CPU_TILE_MB`` (MiB, may be fractional) when
+    set, else the family's ``default`` (each family knows which tile size runs fastest for it)."""
+    env = os.environ.get("XLOSS_CPU_TILE_MB", "").strip()
+    return max(1, int(float(env) * 2**20)) if env else default
