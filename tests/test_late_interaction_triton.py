@@ -341,3 +341,219 @@ def test_maxsim_public_no_grad(engine_calls):
     assert engine_calls == [False]
     ref = xloss.maxsim(q, d, q_mask, d_mask, direction="both", backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------------- backward: route
+
+from xloss.late_interaction import backward as _bwd
+
+# (NX, NY, LX, LY, D): odd sizes; LX = 17 and LY = 33 span two interpreter token blocks (16), D = 33 three D
+# chunks; NY = 5 is not a multiple of the atomic scatter's documents per program.
+ROUTE_SHAPES = [
+    (3, 5, 5, 7, 9),
+    (2, 3, 17, 33, 33),
+    (1, 1, 1, 1, 1),
+]
+
+
+def _route_inputs(shape, seed, dtype=torch.float32, winners="random"):
+    nx, ny, lx, ly, dim = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(nx, lx, dim, generator=g).to(dtype)
+    y = torch.randn(ny, ly, dim, generator=g).to(dtype)
+    if winners == "tied":  # every token of every x points at one or two tokens of y: heavy scatter collisions
+        idx = torch.randint(0, min(2, ly), (nx, ny, lx), generator=g)
+    else:
+        idx = torch.randint(0, ly, (nx, ny, lx), generator=g)
+    idx = torch.where(torch.rand(nx, ny, lx, generator=g) < 0.2, -1, idx).to(torch.int16)  # no winner
+    gr = torch.randn(nx, ny, generator=g)
+    w = torch.rand(nx, lx, generator=g) + 0.5
+    y_valid = torch.rand(ny, ly, generator=g) < 0.7  # invalid winners: dropped with check_winner
+    return [t.to(DEVICE) for t in (x, y, idx, gr, w, y_valid)]
+
+
+def _torch_route(x, y, idx, g, w, y_valid, check_winner):
+    return _bwd.route(x.double(), y.double(), idx, g.double(), w.double(), y_valid, check_winner)
+
+
+@pytest.fixture(params=["atomic", "deterministic"])
+def scatter_mode(request, monkeypatch):
+    monkeypatch.setenv("XLOSS_DETERMINISTIC", "1" if request.param == "deterministic" else "0")
+    assert tri.deterministic() == (request.param == "deterministic")
+    return request.param
+
+
+@pytest.mark.parametrize("shape", ROUTE_SHAPES)
+@pytest.mark.parametrize("check_winner", [False, True])
+@pytest.mark.parametrize("winners", ["random", "tied"])
+def test_route_fp32_vs_torch(shape, check_winner, winners, scatter_mode):
+    x, y, idx, g, w, y_valid = _route_inputs(shape, 21, winners=winners)
+    dx, dy = tri.route(x, y, idx, g, w, y_valid, check_winner)
+    assert dx.dtype == dy.dtype == torch.float32
+    assert dx.shape == x.shape and dy.shape == y.shape
+    r_dx, r_dy = _torch_route(x, y, idx, g, w, y_valid, check_winner)
+    torch.testing.assert_close(dx.double().cpu(), r_dx.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dy.double().cpu(), r_dy.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_route_masking_semantics():
+    """idx = -1 routes nothing; an invalid winner routes nothing only with check_winner."""
+    x, y, idx, g, w, y_valid = _route_inputs((2, 3, 5, 4, 3), 22)
+    idx = torch.full_like(idx, -1)
+    dx, dy = tri.route(x, y, idx, g, w, y_valid, False)
+    assert torch.count_nonzero(dx) == 0 and torch.count_nonzero(dy) == 0
+    idx = torch.zeros_like(idx)  # every winner is token 0 of each y
+    y_valid = torch.ones_like(y_valid)
+    y_valid[:, 0] = False
+    dx, dy = tri.route(x, y, idx, g, w, y_valid, True)
+    assert torch.count_nonzero(dx) == 0 and torch.count_nonzero(dy) == 0
+    dx, dy = tri.route(x, y, idx, g, w, y_valid, False)
+    r_dx, r_dy = _torch_route(x, y, idx, g, w, y_valid, False)
+    assert torch.count_nonzero(dy[:, 0]) > 0 and torch.count_nonzero(dy[:, 1:]) == 0
+    torch.testing.assert_close(dx.double().cpu(), r_dx.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dy.double().cpu(), r_dy.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_route_strided_int32_and_modes_agree(monkeypatch):
+    """Transposed idx/g views (the d2q call), int32 indices, non-contiguous tokens; atomic == deterministic."""
+    x, y, idx, g, w, y_valid = _route_inputs((4, 3, 6, 9, 17), 23, winners="tied")
+    idx_t = idx.to(torch.int32).permute(1, 0, 2).contiguous().permute(1, 0, 2)  # [NX, NY, LX] view
+    g_t = g.T.contiguous().T
+    x_s = torch.stack([x, -x], 3)[..., 0]  # x with stride 2 along D
+    assert not idx_t.is_contiguous() and not g_t.is_contiguous() and x_s.stride(2) == 2
+    out = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("XLOSS_DETERMINISTIC", mode)
+        out[mode] = tri.route(x_s, y, idx_t, g_t, w, y_valid, True)
+    r_dx, r_dy = _torch_route(x, y, idx, g, w, y_valid, True)
+    for dx, dy in out.values():
+        torch.testing.assert_close(dx.double().cpu(), r_dx.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dy.double().cpu(), r_dy.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["0"][0], out["1"][0], atol=0, rtol=0)  # the gather is the same kernel
+    torch.testing.assert_close(out["0"][1], out["1"][1], atol=1e-6, rtol=1e-6)
+
+
+def test_route_deterministic_via_torch_flag(monkeypatch):
+    monkeypatch.delenv("XLOSS_DETERMINISTIC", raising=False)
+    assert not tri.deterministic()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tri.deterministic()
+        x, y, idx, g, w, y_valid = _route_inputs((2, 3, 5, 6, 4), 24, winners="tied")
+        a = tri.route(x, y, idx, g, w, y_valid, False)
+        b = tri.route(x, y, idx, g, w, y_valid, False)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    _, r_dy = _torch_route(x, y, idx, g, w, y_valid, False)
+    torch.testing.assert_close(a[1].double().cpu(), r_dy.cpu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("winners", ["random", "tied"])
+def test_route_fp16(winners, scatter_mode):
+    """fp16 inputs are loaded as fp16 and accumulated in fp32: compare with fp64 on the same fp16 values."""
+    x, y, idx, g, w, y_valid = _route_inputs((3, 4, 17, 9, 33), 25, dtype=torch.float16, winners=winners)
+    dx, dy = tri.route(x, y, idx, g, w, y_valid, True)
+    assert dx.dtype == dy.dtype == torch.float32
+    r_dx, r_dy = _torch_route(x, y, idx, g, w, y_valid, True)
+    torch.testing.assert_close(dx.double().cpu(), r_dx.cpu(), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(dy.double().cpu(), r_dy.cpu(), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(INTERPRET, reason="bf16 is wrong in Triton's interpreter: GPU only")
+def test_route_bf16_gpu(scatter_mode):
+    x, y, idx, g, w, y_valid = _route_inputs((3, 4, 17, 9, 33), 26, dtype=torch.bfloat16, winners="tied")
+    dx, dy = tri.route(x, y, idx, g, w, y_valid, True)
+    r_dx, r_dy = _torch_route(x, y, idx, g, w, y_valid, True)
+    torch.testing.assert_close(dx.double().cpu(), r_dx.cpu(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(dy.double().cpu(), r_dy.cpu(), atol=1e-2, rtol=1e-2)
+
+
+def test_route_empty():
+    x, y, idx, g, w, y_valid = _route_inputs((2, 3, 5, 4, 3), 27)
+    dx, dy = tri.route(x[:0], y, idx[:0], g[:0], w[:0], y_valid, False)
+    assert dx.shape == (0, 5, 3) and torch.count_nonzero(dy) == 0 and dy.shape == y.shape
+
+
+@pytest.fixture
+def route_calls(monkeypatch):
+    """Counts the calls of the Triton ``route`` (proves the backward of the public path ran it)."""
+    calls = []
+    inner = tri.route
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return inner(*args)
+
+    monkeypatch.setattr(tri, "route", spy)
+    return calls
+
+
+@public
+@pytest.mark.parametrize("direction", ["q2d", "d2q", "both"])
+@pytest.mark.parametrize("mask_mode", ["exclude", "zero"])
+def test_maxsim_public_backward_uses_triton_route(direction, mask_mode, route_calls, scatter_mode):
+    """The gradients of ``maxsim(backend="triton")`` come from ``triton.route`` and match the reference."""
+    import xloss
+
+    q, d, q_mask, d_mask, q_wt, d_wt = _public_inputs(15)
+
+    def run(backend):
+        def f(q, d, q_wt, d_wt):
+            return xloss.maxsim(q, d, q_mask, d_mask, reduction="mean", mask_mode=mask_mode, direction=direction,
+                                q_weights=q_wt if direction != "d2q" else None,
+                                d_weights=d_wt if direction != "q2d" else None, backend=backend)
+        return _grads(f, (q, d, q_wt, d_wt))
+
+    out, grads = run("triton")
+    assert len(route_calls) == (2 if direction == "both" else 1)
+    r_out, r_grads = run("reference")
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, r_grads):
+        if rg is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+
+
+@public
+def test_late_interaction_loss_both_uses_triton_route(route_calls, scatter_mode):
+    import xloss
+
+    q, d, q_mask, d_mask, _, _ = _public_inputs(16, nq=4, nd=4, lq=33, ld=6, dim=5)
+    scale = torch.tensor(3.0, device=DEVICE)
+
+    def run(backend):
+        def f(q, d, scale):
+            return xloss.late_interaction_loss(q, d, q_mask, d_mask, logit_scale=scale, direction="both",
+                                               label_smoothing=0.1, backend=backend)
+        return _grads(f, (q, d, scale))
+
+    out, grads = run("triton")
+    assert len(route_calls) == 2
+    r_out, r_grads = run("reference")
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, r_grads):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+
+
+@public
+def test_maxsim_public_fp16_backward_uses_triton_route(route_calls):
+    """fp16 inputs reach the Triton route in fp16 (no upcast copy); gradients as the cpu backend's."""
+    import xloss
+
+    q, d, q_mask, d_mask, _, _ = _public_inputs(17)
+    q, d = q.half(), d.half()
+
+    def run(backend):
+        return _grads(lambda q, d: xloss.maxsim(q, d, q_mask, d_mask, direction="both", backend=backend), (q, d))
+
+    out, grads = run("triton")
+    assert len(route_calls) == 2
+    r_out, r_grads = run("cpu")
+    torch.testing.assert_close(out, r_out, atol=1e-3, rtol=1e-3)
+    for g, rg in zip(grads, r_grads):
+        assert g.dtype == torch.float16
+        torch.testing.assert_close(g.float(), rg.float(), atol=2e-3, rtol=2e-3)

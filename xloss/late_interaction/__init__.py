@@ -6,7 +6,8 @@ gradients through them), pick a backend and run one autograd Function:
 
 * ``MaxSimFunction``: a forward engine (``cpu.maxsim_fwd`` or ``triton.maxsim_fwd``) computes the scores of
   both directions from the same similarity tiles and returns the arg-max indices (int16) and max values of
-  each token; the shared torch backward (``backward.py``) routes the gradients through those indices.
+  each token; the shared torch backward (``backward.py``) routes the gradients through those indices, with
+  the engine's own routing primitive ``route`` when it has one (``triton.route``: gather/scatter kernels).
   Saved: the inputs, the weights and ``[Nq, Nd, L]`` indices (values only when the weights need a gradient).
   The ``[Nq, Nd, Lq, Ld]`` similarity tensor never exists.
 * ``MaxSimPairsFunction``: query a against document a only, chunked ``bmm``s (any device).
@@ -62,17 +63,19 @@ class MaxSimFunction(torch.autograd.Function):
     Forward args: ``q [Nq, Lq, D]``, ``d [Nd, Ld, D]``, ``q_w [Nq, Lq]``, ``d_w [Nd, Ld]`` or None (final
     per-token weights in the accumulation dtype), ``q_valid``, ``d_valid`` (bool), ``zero_mode``, ``q2d``,
     ``d2q``, ``fwd`` (the engine's forward function), ``pairs`` (aligned pairs: ``[N]`` scores), ``need_grad``
-    (False under ``no_grad`` or without inputs requiring grad: nothing is saved, no indices are searched).
+    (False under ``no_grad`` or without inputs requiring grad: nothing is saved, no indices are searched),
+    ``route`` (the engine's ``route``, as ``backward.route``, for the backward of the cross scores; None: the
+    torch one).
     """
 
     @staticmethod
-    def forward(ctx, q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, fwd, pairs, need_grad):
+    def forward(ctx, q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, fwd, pairs, need_grad, route=None):
         kwargs = {} if need_grad or not _takes_need_aux(fwd) else {"need_aux": False}
         s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q = fwd(
             q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, **kwargs
         )
         ctx.set_materialize_grads(False)
-        ctx.options = (zero_mode, q2d, d2q, pairs)
+        ctx.options = (zero_mode, q2d, d2q, pairs, route)
         if need_grad:
             # The max values are needed only for the weights' gradients.
             val_q2d = val_q2d if (q2d and ctx.needs_input_grad[2]) else None
@@ -87,19 +90,20 @@ class MaxSimFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_q2d, g_d2q):
         q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q, val_d2q = ctx.saved_tensors
-        zero_mode, q2d, d2q, pairs = ctx.options
+        zero_mode, q2d, d2q, pairs, route = ctx.options
         need_q, need_d, need_qw, need_dw = ctx.needs_input_grad[:4]
         run = _bwd.pairs_backward if pairs else _bwd.maxsim_backward
+        kwargs = {} if pairs or route is None else {"route": route}  # the engine's routing primitive
         dq, dd, dq_w, dd_w = run(
             q, d, q_w, d_w, q_valid, d_valid, zero_mode,
             (idx_q2d, val_q2d) if q2d else None, (idx_d2q, val_d2q) if d2q else None,
-            g_q2d if q2d else None, g_d2q if d2q else None, need_q, need_d, need_qw, need_dw,
+            g_q2d if q2d else None, g_d2q if d2q else None, need_q, need_d, need_qw, need_dw, **kwargs,
         )
         grad_q = None if not need_q else (torch.zeros_like(q) if dq is None else dq.to(q.dtype))
         grad_d = None if not need_d else (torch.zeros_like(d) if dd is None else dd.to(d.dtype))
         grad_qw = None if not need_qw else (torch.zeros_like(q_w) if dq_w is None else dq_w.to(q_w.dtype))
         grad_dw = None if not need_dw else (torch.zeros_like(d_w) if dd_w is None else dd_w.to(d_w.dtype))
-        return grad_q, grad_d, grad_qw, grad_dw, None, None, None, None, None, None, None, None
+        return grad_q, grad_d, grad_qw, grad_dw, None, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(q, d, q_mask, d_mask, reduction, mask_mode, q_weights, d_weights, direction,
@@ -137,9 +141,10 @@ def _directional(q, d, q_mask, d_mask, reduction, mask_mode, q_weights, d_weight
     q_w = token_weights(q_valid, q_weights if q2d else None, reduction, acc)
     d_w = token_weights(d_valid, d_weights, reduction, acc) if d2q else None
     fwd = _cpu.maxsim_pairs_fwd if pairs else engine.maxsim_fwd
+    route = None if pairs else getattr(engine, "route", None)  # an engine's own backward routing (Triton)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, d, q_w, d_w))
     s_q2d, s_d2q = MaxSimFunction.apply(
-        q, d, q_w, d_w, q_valid, d_valid, mask_mode == "zero", q2d, d2q, fwd, pairs, need_grad
+        q, d, q_w, d_w, q_valid, d_valid, mask_mode == "zero", q2d, d2q, fwd, pairs, need_grad, route
     )
     return (s_q2d if q2d else None), (s_d2q if d2q else None)
 

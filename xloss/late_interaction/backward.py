@@ -99,7 +99,7 @@ def weight_grad(g, val):
 
 
 def maxsim_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q, g_q2d, g_d2q,
-                    need_q, need_d, need_qw, need_dw):
+                    need_q, need_d, need_qw, need_dw, route=None):
     """Gradients of ``(s_q2d, s_d2q) = maxsim_fwd(...)`` for the cross scores ``[Nq, Nd]``.
 
     Args:
@@ -108,12 +108,18 @@ def maxsim_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2
             gradient), or None for a direction not computed.
         g_q2d, g_d2q: incoming gradients ``[Nq, Nd]`` (None: no gradient).
         need_*: which gradients to return.
+        route: the routing primitive (an engine's, e.g. ``triton.route``: same signature and results as
+            :func:`route`, given the inputs in their own dtype); None: :func:`route` (inputs upcast first).
 
     Returns:
         ``(dq, dd, dq_w, dd_w)`` in the accumulation dtype (None where not needed or zero).
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, df = q.to(acc), d.to(acc)
+    if route is None:
+        route = globals()["route"]
+        qf, df = q.to(acc), d.to(acc)
+    else:  # an engine's route loads the inputs in their dtype and accumulates in acc itself
+        qf, df = q, d
     dq = dd = dq_w = dd_w = None
 
     def add(a, b):

@@ -1,7 +1,8 @@
 """The Triton path of late interaction (MaxSim): the forward sweep as one fused GPU kernel.
 
-Same engine interface as ``cpu.py`` (the autograd Function in ``__init__`` does the rest; the backward is a
-torch gather/scatter from the arg-max indices written here):
+Same engine interface as ``cpu.py`` (the autograd Function in ``__init__`` does the rest), plus ``route``, the
+routing primitive of the backward (a gather kernel for the weighted side, an atomic or deterministic scatter
+kernel for the other side; see the "backward" section below):
 
 * ``maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q)``: ``_maxsim_kernel``.  The kernel is
   written for a generic pair of token sets, "rows" ``x [Nx, Lx, D]`` and "columns" ``y [Ny, Ly, D]``.  A
@@ -363,3 +364,209 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
     else:  # d2q only: rows = documents, one direction (any Ld)
         _launch(d, q, dw, dv, qv, None, zero_mode, True, False, t(o_d2q), None, need_aux)
     return tuple(outs)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+#
+# ``route(x, y, idx, g, w, y_valid, check_winner)``: the routing primitive of ``backward.route`` (same
+# arguments and results) as two kernels, for ``S_xy = Σ_s w[x,s]·<x[x,s], y[y, idx[x,y,s]]>`` and incoming
+# ``g [NX, NY]``.  An entry ``(x, y, s)`` routes ``c = g[x,y]·w[x,s]`` when ``idx ≥ 0`` and, with
+# ``check_winner``, its winner ``y[y, idx]`` is a valid token.
+#
+# * ``_route_dx_kernel``, a gather: ``dx[x,s] = Σ_y c·y[y, idx]``.  grid ``(NX, cdiv(LX, BLOCK_S))``, the loop
+#   over the ``y`` inside, fp32 registers per D chunk; each ``dx`` row is written once (deterministic).
+# * ``_route_dy_atomic_kernel``, a scatter-add: ``dy[y, idx] += c·x[x,s]`` with ``tl.atomic_add`` into an fp32
+#   buffer.  grid ``(NX, cdiv(NY, BLOCK_Y))``: the ``x`` tile of a (token block, D chunk) is loaded once and
+#   scattered into the ``BLOCK_Y`` documents of the program.  Fast, but the order of the additions varies.
+# * ``_route_dy_det_kernel``, the deterministic scatter (``torch.are_deterministic_algorithms_enabled()`` or
+#   ``XLOSS_DETERMINISTIC=1``): grid ``(NY, cdiv(LY, BLOCK_V))``, each program owns the ``dy`` rows of its
+#   tokens and sweeps every ``(x, s)``: the one-hot matrix ``[idx[x,y,s] == v]·c [BLOCK_V, BLOCK_S]`` times
+#   the ``x`` tile (``tl.dot``, IEEE fp32), a fixed order; ``NX·LX·LY`` compares per ``y``, no atomics.
+#
+# Inputs are loaded in their dtype (fp32/fp16/bf16) and accumulated in fp32; ``dx``/``dy`` are fp32.  ``idx``
+# (int16/int32) and ``g`` go through their strides (the d2q direction passes transposed views).
+
+if _INTERPRET:
+    ROUTE_BLOCK_S = 16  # tokens of x per program (gather) / per step (scatters)
+    ROUTE_BLOCK_D = 16  # chunk of D
+    ROUTE_BLOCK_Y = 2  # documents per program of the atomic scatter
+    ROUTE_BLOCK_V = 16  # y tokens per program of the deterministic scatter
+else:
+    ROUTE_BLOCK_S = 32
+    ROUTE_BLOCK_D = 64
+    ROUTE_BLOCK_Y = 8
+    ROUTE_BLOCK_V = 32
+
+
+@triton.jit
+def _route_coef(idx_ptr, g_ptr, w_ptr, yv_ptr, x, y, offs_s, s_ok, LX, LY,
+                stride_ix, stride_iy, stride_is, stride_gx, stride_gy,
+                CHECK_WINNER: tl.constexpr):
+    """``(idx, c)`` of the entries ``(x, y, offs_s)``: ``idx`` int32 clamped to >= 0, ``c`` fp32 (0 when the
+    entry routes nothing)."""
+    ii = tl.load(idx_ptr + x * stride_ix + y * stride_iy + offs_s * stride_is, mask=s_ok, other=-1).to(tl.int32)
+    ok = s_ok & (ii >= 0)
+    ii = tl.maximum(ii, 0)
+    if CHECK_WINNER:
+        ok = ok & (tl.load(yv_ptr + y * LY + ii, mask=ok, other=0) != 0)
+    g = tl.load(g_ptr + x * stride_gx + y * stride_gy).to(tl.float32)
+    w = tl.load(w_ptr + x * LX + offs_s, mask=s_ok, other=0.0).to(tl.float32)
+    return ii, tl.where(ok, g * w, 0.0)
+
+
+@triton.jit
+def _route_dx_kernel(
+    y_ptr,  # [NY, LY, D] fp32/fp16/bf16, unit stride along D
+    idx_ptr,  # [NX, NY, LX] int16/int32, any strides
+    g_ptr,  # [NX, NY] fp32, any strides
+    w_ptr,  # [NX, LX] fp32 contiguous
+    yv_ptr,  # [NY, LY] uint8 contiguous (CHECK_WINNER)
+    dx_ptr,  # [NX, LX, D] fp32 contiguous, written
+    NY, LX, LY, D,
+    stride_yn, stride_yl, stride_ix, stride_iy, stride_is, stride_gx, stride_gy,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_WINNER: tl.constexpr,
+):
+    # grid: (NX, cdiv(LX, BLOCK_S))
+    x = tl.program_id(0).to(tl.int64)
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < LX
+    offs_d0 = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + offs_d0
+        d_ok = offs_d < D
+        acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        for y in range(NY):
+            y64 = x * 0 + y  # int64 (the loop variable can be a plain int in the interpreter)
+            ii, c = _route_coef(idx_ptr, g_ptr, w_ptr, yv_ptr, x, y64, offs_s, s_ok, LX, LY,
+                                stride_ix, stride_iy, stride_is, stride_gx, stride_gy, CHECK_WINNER)
+            rows = tl.load(y_ptr + y64 * stride_yn + ii.to(tl.int64)[:, None] * stride_yl + offs_d[None, :],
+                           mask=(c != 0.0)[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+            acc += c[:, None] * rows.to(tl.float32)
+        tl.store(dx_ptr + (x * LX + offs_s.to(tl.int64))[:, None] * D + offs_d[None, :], acc,
+                 mask=s_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _route_dy_atomic_kernel(
+    x_ptr,  # [NX, LX, D] fp32/fp16/bf16, unit stride along D
+    idx_ptr, g_ptr, w_ptr, yv_ptr,  # as _route_dx_kernel
+    dy_ptr,  # [NY, LY, D] fp32 contiguous, zeroed: accumulated with atomics
+    NY, LX, LY, D,
+    stride_xn, stride_xl, stride_ix, stride_iy, stride_is, stride_gx, stride_gy,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Y: tl.constexpr, CHECK_WINNER: tl.constexpr,
+):
+    # grid: (NX, cdiv(NY, BLOCK_Y))
+    x = tl.program_id(0).to(tl.int64)
+    y_lo = tl.program_id(1) * BLOCK_Y
+    y_hi = tl.minimum(y_lo + BLOCK_Y, NY)
+    offs_s0 = tl.arange(0, BLOCK_S)
+    offs_d0 = tl.arange(0, BLOCK_D)
+    for s0 in range(0, LX, BLOCK_S):
+        offs_s = s0 + offs_s0
+        s_ok = offs_s < LX
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + offs_d0
+            d_ok = offs_d < D
+            x_t = tl.load(x_ptr + x * stride_xn + offs_s.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
+                          mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
+            for y in range(y_lo, y_hi):
+                y64 = x * 0 + y  # int64 (the loop variable can be a plain int in the interpreter)
+                ii, c = _route_coef(idx_ptr, g_ptr, w_ptr, yv_ptr, x, y64, offs_s, s_ok, LX, LY,
+                                    stride_ix, stride_iy, stride_is, stride_gx, stride_gy, CHECK_WINNER)
+                rows = (y64 * LY + ii.to(tl.int64)) * D  # [BLOCK_S] int64
+                tl.atomic_add(dy_ptr + rows[:, None] + offs_d[None, :], c[:, None] * x_t,
+                              mask=(c != 0.0)[:, None] & d_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _route_dy_det_kernel(
+    x_ptr, idx_ptr, g_ptr, w_ptr, yv_ptr,  # as _route_dy_atomic_kernel
+    dy_ptr,  # [NY, LY, D] fp32 contiguous, written
+    NX, LX, LY, D,
+    stride_xn, stride_xl, stride_ix, stride_iy, stride_is, stride_gx, stride_gy,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, CHECK_WINNER: tl.constexpr,
+):
+    # grid: (NY, cdiv(LY, BLOCK_V))
+    y = tl.program_id(0).to(tl.int64)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < LY
+    offs_s0 = tl.arange(0, BLOCK_S)
+    offs_d0 = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + offs_d0
+        d_ok = offs_d < D
+        acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
+        for x in range(NX):
+            x64 = y * 0 + x  # int64
+            for s0 in range(0, LX, BLOCK_S):
+                offs_s = s0 + offs_s0
+                s_ok = offs_s < LX
+                ii, c = _route_coef(idx_ptr, g_ptr, w_ptr, yv_ptr, x64, y, offs_s, s_ok, LX, LY,
+                                    stride_ix, stride_iy, stride_is, stride_gx, stride_gy, CHECK_WINNER)
+                a = tl.where(ii[None, :] == offs_v[:, None], c[None, :], 0.0)  # [BLOCK_V, BLOCK_S]
+                x_t = tl.load(x_ptr + x64 * stride_xn + offs_s.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
+                              mask=(c != 0.0)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                acc += tl.dot(a, x_t, input_precision="ieee")
+        tl.store(dy_ptr + (y * LY + offs_v.to(tl.int64))[:, None] * D + offs_d[None, :], acc,
+                 mask=v_ok[:, None] & d_ok[None, :])
+
+
+def deterministic() -> bool:
+    """The scatter of ``route`` runs without atomics: ``torch.are_deterministic_algorithms_enabled()`` or the
+    environment variable ``XLOSS_DETERMINISTIC=1``."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("XLOSS_DETERMINISTIC", "0") not in (
+        "", "0")
+
+
+def route(x, y, idx, g, w, y_valid, check_winner: bool):
+    """Gradients of ``S_xy = Σ_s w[x,s]·<x[x,s], y[y, idx[x,y,s]]>`` through the arg-max indices: the Triton
+    version of ``backward.route`` (same arguments and results).
+
+    Args:
+        x: ``[NX, LX, D]``; y: ``[NY, LY, D]``: float32/float16/bfloat16 (loaded in their dtype, accumulated
+            in fp32), same dtype and device (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        idx: ``[NX, NY, LX]`` int16/int32 arg-max into ``LY`` (-1: no winner); any strides.
+        g: ``[NX, NY]`` incoming gradient; w: ``[NX, LX]`` token weights; y_valid: ``[NY, LY]`` bool.
+        check_winner: an invalid winner routes nothing (zero mode).
+
+    Returns:
+        ``dx [NX, LX, D]`` and ``dy [NY, LY, D]``, float32 (float64 inputs, or CPU tensors outside the
+        interpreter, go to ``backward.route`` in their accumulation dtype).
+    """
+    if x.dtype not in _SUPPORTED or y.dtype != x.dtype or (x.device.type != "cuda" and not _INTERPRET):
+        from . import backward as _bwd
+
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return _bwd.route(x.to(acc), y.to(acc), idx, g.to(acc), w.to(acc), y_valid, check_winner)
+    nx, lx, dim = x.shape
+    ny, ly = y.shape[0], y.shape[1]
+    dev = x.device
+    dx = torch.zeros(nx, lx, dim, dtype=torch.float32, device=dev)
+    dy = torch.zeros(ny, ly, dim, dtype=torch.float32, device=dev)
+    if min(nx, ny, lx, ly, dim) == 0:
+        return dx, dy
+    x, y = _tokens(x), _tokens(y)
+    if idx.dtype not in (torch.int16, torch.int32):
+        idx = idx.to(torch.int32)
+    g = g.to(torch.float32)
+    wf = w.to(device=dev, dtype=torch.float32).contiguous()
+    yv = y_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
+    istr = (idx.stride(0), idx.stride(1), idx.stride(2), g.stride(0), g.stride(1))
+    block_d = min(ROUTE_BLOCK_D, max(16, triton.next_power_of_2(dim)))
+    block_s = min(ROUTE_BLOCK_S, max(16, triton.next_power_of_2(lx)))
+    _route_dx_kernel[(nx, triton.cdiv(lx, block_s))](
+        y, idx, g, wf, yv, dx, ny, lx, ly, dim, y.stride(0), y.stride(1), *istr,
+        BLOCK_S=block_s, BLOCK_D=block_d, CHECK_WINNER=check_winner, num_warps=4,
+    )
+    if deterministic():
+        block_v = min(ROUTE_BLOCK_V, max(16, triton.next_power_of_2(ly)))
+        _route_dy_det_kernel[(ny, triton.cdiv(ly, block_v))](
+            x, idx, g, wf, yv, dy, nx, lx, ly, dim, x.stride(0), x.stride(1), *istr,
+            BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_V=block_v, CHECK_WINNER=check_winner, num_warps=4,
+        )
+    else:
+        _route_dy_atomic_kernel[(nx, triton.cdiv(ny, ROUTE_BLOCK_Y))](
+            x, idx, g, wf, yv, dy, ny, lx, ly, dim, x.stride(0), x.stride(1), *istr,
+            BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_Y=ROUTE_BLOCK_Y, CHECK_WINNER=check_winner, num_warps=4,
+        )
+    return dx, dy
