@@ -49,7 +49,7 @@ def test_naive_skipped_when_memory_is_short(tmp_path, monkeypatch):
                 "threads": 1}
 
     monkeypatch.setattr(bench, "_run_child", fake_child)
-    rc = bench.main(["--sizes", "256", "--dim", "32", "--runs", "1", "--device", "cpu", "--no-plot",
+    rc = bench.main(["--family", "info_nce", "--sizes", "256", "--dim", "32", "--runs", "1", "--device", "cpu", "--no-plot",
                      "--mem-limit-gib", "0.0001", "--out", str(tmp_path)])
     assert rc == 0
     assert launched == ["xloss"]
