@@ -15,14 +15,11 @@ gradients through them), pick a backend and run one autograd Function:
 The loss builds the small ``[Nq, Nd]`` score matrices and applies ``F.cross_entropy`` to them.
 
 Engine interface (shared with the Triton path): ``maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode,
-q2d, d2q)`` returns ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)``; see ``cpu.maxsim_fwd``.  An engine
-may accept the keyword ``need_aux=False`` (forward without gradients: no indices and values).
+q2d, d2q)`` returns ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)``; see ``cpu.maxsim_fwd``.  Every engine
+takes the keyword ``need_aux`` (False: forward without gradients, no indices and values).
 """
 
 from __future__ import annotations
-
-import functools
-import inspect
 
 import torch
 
@@ -45,14 +42,6 @@ def _engine(name: str):
     return _cpu
 
 
-@functools.cache
-def _takes_need_aux(fn) -> bool:
-    try:
-        return "need_aux" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
@@ -70,9 +59,8 @@ class MaxSimFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, fwd, pairs, need_grad, route=None):
-        kwargs = {} if need_grad or not _takes_need_aux(fwd) else {"need_aux": False}
         s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q = fwd(
-            q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, **kwargs
+            q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, need_aux=need_grad
         )
         ctx.set_materialize_grads(False)
         ctx.options = (zero_mode, q2d, d2q, pairs, route)
