@@ -75,6 +75,24 @@ def _reduce(tile: torch.Tensor, dim: int, need_idx: bool, idx_dtype: torch.dtype
     return val, idx
 
 
+def _prepare(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool):
+    """What both forwards need before their tiles: inputs and weights in the accumulation dtype, and the masks
+    as zeroed embeddings (zero mode) or as ``-inf`` biases ``[Nd, Ld]`` / ``[Nq, Lq]`` (exclude mode; None
+    where every token is valid or the direction is not asked)."""
+    acc = accumulation_dtype(q.dtype)
+    qf, df = upcast(q), upcast(d)
+    q_all, d_all = bool(q_valid.all()), bool(d_valid.all())
+    bias_v = bias_t = None
+    if zero_mode:
+        qf, df = _zero_invalid(qf, q_valid, q_all), _zero_invalid(df, d_valid, d_all)
+    else:
+        if q2d and not d_all:
+            bias_v = _bias(d_valid, acc)  # invalid document tokens never win
+        if d2q and not q_all:
+            bias_t = _bias(q_valid, acc)  # invalid query tokens never win
+    return qf, df, (q_w.to(acc) if q2d else None), (d_w.to(acc) if d2q else None), bias_v, bias_t
+
+
 def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *, need_aux: bool = True):
     """Late-interaction scores of every query against every document, tile by tile.
 
@@ -102,18 +120,9 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
     dev = q.device
     nq, lq, dim = q.shape
     nd, ld, _ = d.shape
-    qf, df = upcast(q), upcast(d)
-    q_all, d_all = bool(q_valid.all()), bool(d_valid.all())
-    bias_v = bias_t = None
-    if zero_mode:
-        qf, df = _zero_invalid(qf, q_valid, q_all), _zero_invalid(df, d_valid, d_all)
-    else:
-        if q2d and not d_all:
-            bias_v = _bias(d_valid, acc).reshape(1, nd * ld)  # invalid document tokens never win
-        if d2q and not q_all:
-            bias_t = _bias(q_valid, acc).reshape(nq * lq, 1)  # invalid query tokens never win
-    q_w = q_w.to(acc) if q2d else None
-    d_w = d_w.to(acc) if d2q else None
+    qf, df, q_w, d_w, bias_v, bias_t = _prepare(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q)
+    bias_v = None if bias_v is None else bias_v.reshape(1, nd * ld)
+    bias_t = None if bias_t is None else bias_t.reshape(nq * lq, 1)
     qflat, dflat = qf.reshape(nq * lq, dim), df.reshape(nd * ld, dim)
 
     s_q2d = torch.empty(nq, nd, dtype=acc, device=dev) if q2d else None
@@ -170,18 +179,9 @@ def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: boo
     dev = q.device
     n, lq, _ = q.shape
     ld = d.shape[1]
-    qf, df = upcast(q), upcast(d)
-    q_all, d_all = bool(q_valid.all()), bool(d_valid.all())
-    bias_v = bias_t = None
-    if zero_mode:
-        qf, df = _zero_invalid(qf, q_valid, q_all), _zero_invalid(df, d_valid, d_all)
-    else:
-        if q2d and not d_all:
-            bias_v = _bias(d_valid, acc)[:, None, :]  # [N, 1, Ld]
-        if d2q and not q_all:
-            bias_t = _bias(q_valid, acc)[:, :, None]  # [N, Lq, 1]
-    q_w = q_w.to(acc) if q2d else None
-    d_w = d_w.to(acc) if d2q else None
+    qf, df, q_w, d_w, bias_v, bias_t = _prepare(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q)
+    bias_v = None if bias_v is None else bias_v[:, None, :]  # [N, 1, Ld]
+    bias_t = None if bias_t is None else bias_t[:, :, None]  # [N, Lq, 1]
     s_q2d = torch.empty(n, dtype=acc, device=dev) if q2d else None
     s_d2q = torch.empty(n, dtype=acc, device=dev) if d2q else None
     idx_q2d = val_q2d = idx_d2q = val_d2q = None
