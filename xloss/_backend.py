@@ -46,8 +46,12 @@ def available_backends() -> dict:
     }
 
 
-def resolve(backend: str, device: torch.device, family: str = "info_nce") -> str:
-    """Turn a user's backend choice into the implementation to run for tensors on `device`."""
+def resolve(backend: str, device: torch.device, family: str = "info_nce", has_triton: bool = True) -> str:
+    """Turn a user's backend choice into the implementation to run for tensors on `device`.
+
+    ``has_triton=False`` is for a family without Triton kernels yet: "auto" then runs its chunked PyTorch path
+    (which works on any device) and an explicit "triton" is refused rather than silently replaced.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -55,11 +59,13 @@ def resolve(backend: str, device: torch.device, family: str = "info_nce") -> str
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"XLOSS_BACKEND must be one of {BACKENDS}, got {env!r}")
-            return resolve(env, device, family)
-        if device.type == "cuda" and triton_available():
+            return resolve(env, device, family, has_triton)
+        if device.type == "cuda" and triton_available() and has_triton:
             return "triton"
         return "cpu"
     if backend == "triton":
+        if not has_triton:
+            raise RuntimeError(f"{family} has no Triton kernels yet; use backend='auto' or 'cpu' (chunked PyTorch, any device)")
         if not triton_available():
             raise RuntimeError("backend='triton' was requested but Triton is not installed (pip install triton)")
         if device.type != "cuda" and not triton_interpret():

@@ -327,6 +327,143 @@ register(
 )
 
 
+# --- Symile ("n_squared", M = 3) ----------------------------------------------------------------------------
+# The shape tuple is (N, N, D): three modalities [N, D].  The naive loss builds, per anchor, the N^2 products of
+# the other two modalities (a list and its concatenation, N^2·D each) and the [N, N^2] logits; with a gradient
+# it keeps the logits, their scaled copy and the log-softmax of all three anchors until backward.
+SYMILE_MODALITIES = 3
+
+
+def _symile_inputs(grad: bool) -> Callable[[Shape, torch.dtype, torch.device], dict]:
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+        """Three L2-normalised ``[N, D]`` modalities and a 0-dim fp32 scale of 100."""
+        n, _, d = shape
+        gen = torch.Generator(device=device).manual_seed(0)
+        reps = [
+            torch.nn.functional.normalize(torch.randn(n, d, generator=gen, device=device), dim=-1)
+            .to(dtype).requires_grad_(grad)
+            for _ in range(SYMILE_MODALITIES)
+        ]
+        return {"reps": reps, "scale": torch.tensor(CLIP_MAX_SCALE, device=device, requires_grad=grad)}
+
+    return make
+
+
+def _symile_run(naive: bool, grad: bool) -> Callable[[dict], None]:
+    def run(inputs: dict) -> None:
+        import xloss
+        from xloss import reference
+
+        fn = reference.symile_loss if naive else xloss.symile_loss
+        if grad:
+            fn(inputs["reps"], inputs["scale"], "n_squared").backward()
+        else:
+            with torch.no_grad():
+                fn(inputs["reps"], inputs["scale"], "n_squared")
+
+    return run
+
+
+def _symile_naive_peak(grad: bool) -> Callable[[Shape, torch.dtype, torch.device], int]:
+    def estimate(shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
+        n, _, d = shape
+        size = torch.empty((), dtype=dtype).element_size()
+        logits, products = n**3 * size, n * n * d * size
+        if grad:  # 3 anchors × (saved logits, scaled logits, log-softmax, products) + backward temporaries
+            return int(SYMILE_MODALITIES * (3 * logits + 2 * products) + 2 * logits)
+        return int(3 * logits + 2 * products)  # one anchor at a time
+
+    return estimate
+
+
+def _symile_flops(backward: bool) -> Callable[[Shape], float]:
+    # One shared N^3·D GEMM sweep for the three anchors' LSEs; backward recomputes it and adds two more.
+    def flops(shape: Shape) -> float:
+        n, _, d = shape
+        return 2.0 * n**3 * d * (4 if backward else 1)
+
+    return flops
+
+
+register(
+    Family(
+        name="symile",
+        make_inputs=_symile_inputs(grad=True),
+        xloss=Impl("xloss", "xloss.symile_loss (n_squared)", _symile_run(False, True), _xloss_backend("symile")),
+        naive=Impl(
+            "naive", "xloss.reference.symile_loss (n_squared)", _symile_run(True, True), lambda device: "reference",
+            estimate_peak_bytes=_symile_naive_peak(grad=True),
+        ),
+        flops=_symile_flops(backward=True),
+    )
+)
+
+register(
+    Family(
+        name="symile_forward",
+        make_inputs=_symile_inputs(grad=False),
+        xloss=Impl("xloss", "xloss.symile_loss (n_squared, no_grad)", _symile_run(False, False),
+                   _xloss_backend("symile")),
+        naive=Impl(
+            "naive", "xloss.reference.symile_loss (n_squared, no_grad)", _symile_run(True, False),
+            lambda device: "reference", estimate_peak_bytes=_symile_naive_peak(grad=False),
+        ),
+        flops=_symile_flops(backward=False),
+    )
+)
+
+
+# --- GRAM (Gram volume, k = 4) -------------------------------------------------------------------------------
+# The shape tuple is (N, N, D): an anchor and 3 other modalities [N, D], temperature 0.07 (a tensor).  The naive
+# loss builds the [N, N, k, k] Gram tensor through stacks ([N, N, k] rows, then the whole), a det (LU copy) and,
+# in backward, the det's solve and the stacks' gradients: ~6 copies of the k²·N² Gram tensor.
+GRAM_MODALITIES = 4
+NAIVE_GRAM_FACTOR = 6.0
+
+
+def _gram_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+    """An anchor and GRAM_MODALITIES − 1 other L2-normalised ``[N, D]`` modalities, and τ = 0.07 (fp32 tensor)."""
+    n, _, d = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    feats = [
+        torch.nn.functional.normalize(torch.randn(n, d, generator=gen, device=device), dim=-1).to(dtype).requires_grad_()
+        for _ in range(GRAM_MODALITIES)
+    ]
+    return {"feats": feats, "temperature": torch.tensor(0.07, device=device, requires_grad=True)}
+
+
+def _gram_run(naive: bool) -> Callable[[dict], None]:
+    def run(inputs: dict) -> None:
+        import xloss
+        from xloss import reference
+
+        fn = reference.gram_loss if naive else xloss.gram_loss
+        fn(*inputs["feats"], temperature=inputs["temperature"]).backward()
+
+    return run
+
+
+def _gram_naive_peak(shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
+    n, m, d = shape
+    size = torch.empty((), dtype=dtype).element_size()
+    return int(NAIVE_GRAM_FACTOR * GRAM_MODALITIES**2 * n * m * size + 2 * GRAM_MODALITIES * n * d * size)
+
+
+register(
+    Family(
+        name="gram",
+        make_inputs=_gram_inputs,
+        xloss=Impl("xloss", "xloss.gram_loss (k=4)", _gram_run(False), _xloss_backend("gram")),
+        naive=Impl(
+            "naive", "xloss.reference.gram_loss (k=4, det)", _gram_run(True), lambda device: "reference",
+            estimate_peak_bytes=_gram_naive_peak,
+        ),
+        # k−1 GEMMs forward, recomputed in backward, plus 2(k−1) gradient GEMMs: 4(k−1)·2·N²·D
+        flops=lambda shape: 8.0 * (GRAM_MODALITIES - 1) * shape[0] * shape[1] * shape[2],
+    )
+)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Presets: which shapes, dtype, device and baselines
 # ----------------------------------------------------------------------------------------------------------
@@ -373,6 +510,12 @@ PRESETS: dict[str, dict[str, Preset]] = {
         ((256, 256, 128),), "float32", families=("late_interaction", "maxsim_scoring"),
         family_shapes={"maxsim_scoring": ((64, 1000, 128),)},
     )},
+    # Symile "n_squared" (M = 3), CPU fp32: training at N=512, D=256.
+    "symile-cpu": {"cpu": Preset(((512, 512, 256),), "float32", families=("symile",))},
+    # Forward only at N=1024, D=256: xloss within a few hundred MiB, the naive [N, N^2] logits need ~13 GiB.
+    "symile-forward-cpu": {"cpu": Preset(((1024, 1024, 256),), "float32", runs=1, families=("symile_forward",))},
+    # GRAM, k = 4 modalities, CPU fp32: N=4096, D=512 (the naive [N, N, 4, 4] Gram tensor alone is 1 GiB).
+    "gram-cpu": {"cpu": Preset(((4096, 4096, 512),), "float32", families=("gram",))},
     "gpu": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", baselines=("naive", "inf_cl"), families=("info_nce",))},
     "quick": {
         "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),

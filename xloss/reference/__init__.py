@@ -4,7 +4,10 @@ Tests, benchmarks and docs share these.  They build the full matrices on purpose
 path is judged against, and what "naive PyTorch" means in ``python -m xloss.bench``.
 """
 
+from .gram import gram_loss, gram_volume
 from .info_nce import info_nce
 from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
+from . import symile
+from .symile import symile_loss
 
-__all__ = ["info_nce", "late_interaction_loss", "maxsim", "maxsim_pairs"]
+__all__ = ["gram_loss", "gram_volume", "info_nce", "late_interaction_loss", "maxsim", "maxsim_pairs", "symile_loss"]

@@ -1,0 +1,185 @@
+"""Symile (SPEC.md §5): the reference and the public function vs the ``symile`` package; CPU path vs reference.
+
+``"n"`` agrees with the package bit for bit (same random draws after ``torch.manual_seed``); ``"n_squared"``
+agrees to fp64 rounding.  The streaming ``"n_squared"`` path is compared with the naive reference in fp64
+(values and gradients of every modality and of a tensor logit scale), with one block and with many tiny ones.
+All shapes are tiny: the machine has 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xloss
+from xloss import reference
+from xloss.symile import cpu as _cpu
+
+try:
+    from symile import Symile
+except ImportError:  # pragma: no cover - .ci/run installs it
+    Symile = None
+
+needs_symile = pytest.mark.skipif(Symile is None, reason="the symile package (parity target) is not installed")
+
+
+def make_reps(m, n=5, d=4, *, seed=0, dtype=torch.float64, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g).to(dtype).requires_grad_(grad) for _ in range(m)]
+
+
+def _grads(fn, reps, scale):
+    reps = [r.detach().clone().requires_grad_() for r in reps]
+    s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    loss = fn(reps, s)
+    gout = torch.tensor(1.7, dtype=loss.dtype)  # grad_output != 1
+    loss.backward(gout)
+    return loss.detach(), [r.grad for r in reps], s.grad
+
+
+# ------------------------------------------------------------------------------------------ package parity
+@needs_symile
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_n_bit_for_bit_with_package(m, dtype):
+    reps = make_reps(m, n=7, d=6, dtype=dtype)
+    for scale in (2.5, torch.tensor(2.5, dtype=dtype)):
+        torch.manual_seed(0)
+        want = Symile("n")(reps, scale)
+        torch.manual_seed(0)
+        got = xloss.symile_loss(reps, scale)
+        torch.manual_seed(0)
+        ref = reference.symile_loss(reps, scale)
+        assert torch.equal(got, want) and torch.equal(ref, want)
+    # an explicit generator draws the same as the global one seeded alike
+    torch.manual_seed(3)
+    want = Symile("n")(reps, 1.0)
+    got = xloss.symile_loss(reps, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+
+
+@needs_symile
+@pytest.mark.parametrize("m", [3, 4])
+def test_n_squared_matches_package(m):
+    reps = make_reps(m, n=5, d=4)
+    want = Symile("n_squared")(reps, 3.0)
+    assert torch.allclose(reference.symile_loss(reps, 3.0, "n_squared"), want, rtol=0, atol=1e-10)
+    assert torch.allclose(xloss.symile_loss(reps, 3.0, "n_squared"), want, rtol=0, atol=1e-10)
+    # gradients too (the package is plain autograd)
+    _, g_want, s_want = _grads(lambda r, s: Symile("n_squared")(r, s), reps, 3.0)
+    _, g_got, s_got = _grads(lambda r, s: xloss.symile_loss(r, s, "n_squared"), reps, 3.0)
+    for a, b in zip(g_got + [s_got], g_want + [s_want]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ CPU vs reference
+@pytest.mark.parametrize("m", [3, 4])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("tile_mb", [None, "0.000001"])
+def test_n_squared_cpu_vs_reference(m, reduction, tile_mb, monkeypatch):
+    if tile_mb is not None:
+        monkeypatch.setenv("XLOSS_CPU_TILE_MB", tile_mb)  # one tuple per block
+    n = 6 if m == 3 else 4
+    reps = make_reps(m, n=n, d=5, seed=m)
+
+    def run(backend):
+        def fn(r, s):
+            out = xloss.symile_loss(r, s, "n_squared", reduction=reduction, backend=backend)
+            return out.sum() if reduction == "none" else out
+        return _grads(fn, reps, 4.0)
+
+    if reduction == "none":
+        got = xloss.symile_loss(reps, 4.0, "n_squared", reduction="none")
+        want = reference.symile_loss(reps, 4.0, "n_squared", reduction="none")
+        assert got.shape == (n,) and torch.allclose(got, want, rtol=0, atol=1e-12)
+    (lg, gg, sg), (lw, gw, sw) = run("cpu"), run("reference")
+    assert torch.allclose(lg, lw, rtol=0, atol=1e-12)
+    for a, b in zip(gg + [sg], gw + [sw]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_tiny_tiles_equal_one_tile(monkeypatch):
+    reps = make_reps(3, n=9, d=3, seed=5)
+    one = _grads(lambda r, s: xloss.symile_loss(r, s, "n_squared"), reps, 6.0)
+    monkeypatch.setenv("XLOSS_CPU_TILE_MB", "0.000001")
+    assert _cpu.block_size(9, 3, 8, 9) == 1
+    many = _grads(lambda r, s: xloss.symile_loss(r, s, "n_squared"), reps, 6.0)
+    assert torch.allclose(one[0], many[0], rtol=0, atol=1e-13)
+    for a, b in zip(one[1] + [one[2]], many[1] + [many[2]]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_n_explicit_permutations_cpu_vs_reference(m):
+    reps = make_reps(m, n=6, d=4, seed=1)
+    perms = reference.symile.draw_permutations(m, 6, torch.Generator().manual_seed(1))
+    got = _grads(lambda r, s: xloss.symile_loss(r, s, permutations=perms), reps, 2.0)
+    want = _grads(lambda r, s: reference.symile_loss(r, s, permutations=perms), reps, 2.0)
+    torch.manual_seed(9)
+    drawn = xloss.symile_loss(reps, 2.0)
+    torch.manual_seed(9)
+    assert torch.equal(drawn, xloss.symile_loss(reps, 2.0, permutations=reference.symile.draw_permutations(m, 6)))
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1] + [got[2]], want[1] + [want[2]]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_large_scale_is_stable():
+    reps = [torch.nn.functional.normalize(r, dim=1) for r in make_reps(3, n=6, d=4, seed=2)]
+    got, g, s = _grads(lambda r, s: xloss.symile_loss(r, s, "n_squared"), reps, 500.0)
+    want = reference.symile_loss(reps, 500.0, "n_squared")
+    assert torch.isfinite(got) and torch.allclose(got, want, rtol=1e-12, atol=1e-9)
+    assert all(torch.isfinite(x).all() for x in g + [s])
+
+
+def test_fp32_and_no_grad():
+    reps = make_reps(3, n=5, d=4, dtype=torch.float32)
+    want = reference.symile_loss([r.double() for r in reps], 3.0, "n_squared")
+    with torch.no_grad():
+        got = xloss.symile_loss(reps, 3.0, "n_squared")
+    assert got.dtype == torch.float32 and abs(got.double() - want).item() < 1e-5
+    half = xloss.symile_loss([r.to(torch.bfloat16) for r in reps], 3.0, "n_squared")
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs():
+    r = make_reps(3)
+    with pytest.raises(ValueError, match="at least 2"):
+        xloss.symile_loss(r[:1])
+    with pytest.raises(TypeError, match="reps"):
+        xloss.symile_loss(r[0])
+    with pytest.raises(ValueError, match="same shape"):
+        xloss.symile_loss([r[0], r[1][:3]])
+    with pytest.raises(TypeError, match="dtype"):
+        xloss.symile_loss([r[0], r[1].float()])
+    with pytest.raises(ValueError, match="2-D"):
+        xloss.symile_loss([r[0], r[1][None]])
+    with pytest.raises(ValueError, match="at least 3"):
+        xloss.symile_loss(r[:2], negative_sampling="n_squared")
+    with pytest.raises(ValueError, match="negative_sampling"):
+        xloss.symile_loss(r, negative_sampling="n_cubed")
+    with pytest.raises(ValueError, match="reduction"):
+        xloss.symile_loss(r, reduction="max")
+    with pytest.raises(TypeError, match="logit_scale"):
+        xloss.symile_loss(r, logit_scale="2")
+    with pytest.raises(TypeError, match="generator"):
+        xloss.symile_loss(r, generator=3)
+    perms = reference.symile.draw_permutations(3, 5)
+    with pytest.raises(ValueError, match="permutations"):
+        xloss.symile_loss(r, permutations=perms[:2])
+    with pytest.raises(ValueError, match="permutations"):
+        xloss.symile_loss(r, permutations=[p[:1] for p in perms])
+    with pytest.raises(ValueError, match="not a permutation"):
+        xloss.symile_loss(r, permutations=[[torch.zeros(5, dtype=torch.long)] * 2] * 3)
+    with pytest.raises(TypeError, match="permutations"):
+        xloss.symile_loss(r, permutations=[[p.float() for p in q] for q in perms])
+    with pytest.raises(ValueError, match="only used"):
+        xloss.symile_loss(r, negative_sampling="n_squared", permutations=perms)
+
+
+def test_no_triton_backend_yet():
+    """No Triton kernel for Symile: an explicit backend="triton" is refused, not silently replaced."""
+    reps = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="no Triton kernels"):
+        xloss.symile_loss(reps, 1.0, negative_sampling="n_squared", backend="triton")
