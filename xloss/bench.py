@@ -489,10 +489,12 @@ PRESETS: dict[str, dict[str, Preset]] = {
     "default": {
         "cpu": Preset(
             _square((1024, 2048, 4096, 8192, 16384), 512), "float32",
-            families=("info_nce", "late_interaction", "maxsim_scoring"),
+            families=("info_nce", "late_interaction", "maxsim_scoring", "gram", "symile"),
             family_shapes={
                 "late_interaction": _square((64, 128, 256), 128),  # Lq=32, Ld=180
                 "maxsim_scoring": ((64, 250, 128), (64, 1000, 128)),  # Lq=32, Ld=300
+                "gram": _square((1024, 2048, 4096), 512),  # k=4 modalities
+                "symile": _square((128, 256, 512), 256),  # M=3, "n_squared"
             },
         ),
         "cuda": Preset(

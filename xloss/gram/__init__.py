@@ -174,10 +174,7 @@ def _check_eps(eps) -> float:
 
 
 def _resolve(backend: str, device: torch.device) -> str:
-    if backend == "triton":
-        raise RuntimeError("backend='triton' is not available for gram (no Triton kernel yet); use 'auto' or 'cpu'")
-    name = _backend.resolve(backend, device, "gram")
-    return "cpu" if name == "triton" else name  # auto on CUDA: the chunked PyTorch path
+    return _backend.resolve(backend, device, "gram", has_triton=False)  # auto on CUDA: chunked PyTorch
 
 
 def gram_volume(anchor: torch.Tensor, *others: torch.Tensor, pairwise: bool = True, eps: float = 0.0,
