@@ -64,6 +64,19 @@ def check_labels(labels, n: int, num_classes: int, device: torch.device) -> None
     )
 
 
+def check_positives(labels, n: int, m: int, device: torch.device, rows: str, cols: str, col_noun: str) -> None:
+    """The positive of each of ``n`` rows among ``m`` candidates: ``labels`` checked when given; without
+    labels the positive of row i is candidate i, which needs ``n <= m``."""
+    if labels is None:
+        if n > m:
+            raise ValueError(
+                f"{rows} has more rows than {cols} ({n} > {m}): pass labels to say which {col_noun} is each "
+                "query's positive"
+            )
+        return
+    check_labels(labels, n, m, device)
+
+
 def resolve_scale(logit_scale, temperature, device: torch.device) -> torch.Tensor:
     """Return the multiplicative logit scale s as a 0-dim tensor on `device`.
 

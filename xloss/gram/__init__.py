@@ -17,6 +17,7 @@ import numbers
 import torch
 
 from .. import _backend, _checks
+from .._reduce import reduce_terms
 from .._tiling import budget_bytes, upcast
 from ..reference import gram as _reference
 from . import cpu as _cpu
@@ -86,11 +87,7 @@ class GramLossFunction(torch.autograd.Function):
         terms = (rows + cols) / 2
         ctx.save_for_backward(scale, anchor, *others, g, lse_r, lse_c)
         ctx.options = (ls, stopgrad, eps, reduction)
-        if reduction == "mean":
-            return terms.mean()
-        if reduction == "sum":
-            return terms.sum()
-        return terms
+        return reduce_terms(terms, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -18,6 +18,7 @@ import torch
 
 from .. import _backend, _checks
 from .. import reference as _reference
+from .._reduce import reduce_terms
 from . import cpu as _cpu
 
 
@@ -57,11 +58,7 @@ class InfoNCEFunction(torch.autograd.Function):
             terms = rows
         ctx.save_for_backward(q, k, scale, labels, row, col, logits)
         ctx.options = (symmetric, eps, reduction, engine)
-        if reduction == "mean":
-            return terms.mean()
-        if reduction == "sum":
-            return terms.sum()
-        return terms
+        return reduce_terms(terms, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -138,12 +135,7 @@ def info_nce(
             f"and key {tuple(key.shape)}"
         )
     n, m = query.shape[0], key.shape[0]
-    if labels is None and n > m:
-        raise ValueError(
-            f"query has more rows than key ({n} > {m}): pass labels to say which key is each query's positive"
-        )
-    if labels is not None:
-        _checks.check_labels(labels, n, m, query.device)
+    _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     _checks.check_label_smoothing(label_smoothing)

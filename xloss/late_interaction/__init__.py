@@ -25,6 +25,7 @@ import torch
 
 from .. import _backend, _checks
 from .. import reference as _reference
+from .._reduce import reduce_terms
 from ..reference.late_interaction import cross_entropy_terms, token_weights
 from . import backward as _bwd
 from . import cpu as _cpu
@@ -271,12 +272,7 @@ def late_interaction_loss(
     _check_inputs(q, d, q_mask, d_mask, score_reduction, mask_mode, q_weights, d_weights, direction,
                   reduction_name="score_reduction")
     nq, nd = q.shape[0], d.shape[0]
-    if labels is None and nq > nd:
-        raise ValueError(
-            f"q has more rows than d ({nq} > {nd}): pass labels to say which document is each query's positive"
-        )
-    if labels is not None:
-        _checks.check_labels(labels, nq, nd, q.device)
+    _checks.check_positives(labels, nq, nd, q.device, "q", "d", "document")
     _checks.check_label_smoothing(label_smoothing)
     _checks.check_reduction(reduction)
     scale = _checks.resolve_scale(logit_scale, None, q.device)
@@ -292,11 +288,7 @@ def late_interaction_loss(
     acc = (s_q2d if s_q2d is not None else s_d2q).dtype
     terms = cross_entropy_terms(s_q2d, s_d2q, scale.to(acc) if not scale.requires_grad else scale,
                                 None if labels is None else labels.long(), direction, float(label_smoothing))
-    if reduction == "mean":
-        return terms.mean()
-    if reduction == "sum":
-        return terms.sum()
-    return terms
+    return reduce_terms(terms, reduction)
 
 
 __all__ = ["MaxSimFunction", "late_interaction_loss", "maxsim", "maxsim_pairs"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._reduce import reduce_terms
+
 
 def gram_volume(anchor: torch.Tensor, *others: torch.Tensor, pairwise: bool = True, eps: float = 0.0) -> torch.Tensor:
     """Gram volumes through ``torch.linalg.det`` of the whole ``[N1, N2, k, k]`` Gram tensor.
@@ -76,11 +78,7 @@ def gram_loss(
     rows = F.cross_entropy(-v_row / tau, target, label_smoothing=label_smoothing, reduction="none")
     cols = F.cross_entropy(-v_col.T / tau, target, label_smoothing=label_smoothing, reduction="none")
     terms = (rows + cols) / 2
-    if reduction == "mean":
-        return terms.mean()
-    if reduction == "sum":
-        return terms.sum()
-    return terms
+    return reduce_terms(terms, reduction)
 
 
 __all__ = ["gram_loss", "gram_volume"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._reduce import reduce_terms
+
 
 def info_nce(
     query: torch.Tensor,
@@ -57,8 +59,4 @@ def info_nce(
         terms = (rows + cols) / 2
     else:
         terms = rows
-    if reduction == "mean":
-        return terms.mean()
-    if reduction == "sum":
-        return terms.sum()
-    return terms
+    return reduce_terms(terms, reduction)

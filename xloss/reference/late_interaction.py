@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._reduce import reduce_terms
+
 DIRECTIONS = ("q2d", "d2q", "both")
 
 
@@ -180,8 +182,4 @@ def late_interaction_loss(q, d, q_mask=None, d_mask=None, *, logit_scale, labels
     s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, reduction=score_reduction, mask_mode=mask_mode,
                                       q_weights=q_weights, d_weights=d_weights, direction=direction)
     terms = cross_entropy_terms(s_q2d, s_d2q, logit_scale, labels, direction, label_smoothing)
-    if reduction == "mean":
-        return terms.mean()
-    if reduction == "sum":
-        return terms.sum()
-    return terms
+    return reduce_terms(terms, reduction)

@@ -15,6 +15,7 @@ import torch
 
 from .. import _backend, _checks, _tiling
 from .. import reference as _reference
+from .._reduce import reduce_terms
 from ..reference.symile import draw_permutations
 from . import cpu as _cpu
 
@@ -153,11 +154,7 @@ def symile_loss(
         pos = pos * r.to(acc)
     pos = pos.sum(1)
     terms = (lse - scale.to(acc) * pos).mean(0)  # [N]
-    if reduction == "mean":
-        return terms.mean()
-    if reduction == "sum":
-        return terms.sum()
-    return terms
+    return reduce_terms(terms, reduction)
 
 
 __all__ = ["SymileLSEFunction", "symile_loss"]
