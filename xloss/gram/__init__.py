@@ -1,13 +1,15 @@
 """GRAM: Gram-volume similarity and contrastive loss for k ≥ 2 modalities (SPEC.md §4).
 
 ``gram_volume`` and ``gram_loss`` check their arguments, pick a backend and run ``GramVolumeFunction`` /
-``GramLossFunction``.  Both use the chunked path of ``cpu.py`` (Schur complement / adjugate form, GEMM tiles,
-no ``[N1, N2, k, k]`` tensor and no batched det), which is plain PyTorch and so also runs on CUDA tensors;
-there is no Triton kernel for this family yet.
+``GramLossFunction`` with an engine module: ``cpu.py`` (chunked PyTorch, Schur complement / adjugate form,
+GEMM tiles, no ``[N1, N2, k, k]`` tensor and no batched det; runs on any device and in float64) or
+``triton.py`` (fused kernels, fp32/fp16/bf16; ``backend="auto"`` picks it for CUDA tensors and falls back to
+the cpu engine for float64).
 
-``GramLossFunction`` keeps ``V [N, N]`` (accumulation dtype) and the row/column log-sum-exp of ``Z = −V/τ``
-from forward; backward forms ``dZ = a_i(softmax_row − t) + b_j(softmax_col − t)`` tile by tile (``t`` the
-smoothed one-hot target), turns it into ``dV = −dZ/τ`` and pushes it through the volume tiles.
+With the cpu engine, ``GramLossFunction`` keeps the signed ``det G [N, N]`` and the row/column log-sum-exp of
+``Z = −V/τ`` from forward; backward forms ``dZ = a_i(softmax_row − t) + b_j(softmax_col − t)`` tile by tile
+(``t`` the smoothed one-hot target), turns it into ``dV = −dZ/τ`` and pushes it through the volume tiles.  The
+triton engine keeps only the inputs and the O(N) statistics and recomputes the tiles in backward.
 """
 
 from __future__ import annotations
@@ -24,28 +26,40 @@ from . import cpu as _cpu
 
 
 class GramVolumeFunction(torch.autograd.Function):
-    """``V [N1, N2]`` from ``anchor`` and the k−1 ``others``; forward args ``(eps, anchor, *others)``."""
+    """``V [N1, N2]`` from ``anchor`` and the k−1 ``others``; forward args ``(eps, engine, anchor, *others)``
+    with ``engine`` the ``cpu`` or ``triton`` module."""
 
     @staticmethod
-    def forward(ctx, eps, anchor, *others):
+    def forward(ctx, eps, engine, anchor, *others):
+        ctx.eps, ctx.engine = eps, engine
+        if engine is not _cpu:  # triton: V from one kernel; backward recomputes the tiles
+            ctx.save_for_backward(anchor, *others)
+            return engine.volume(anchor, list(others), eps)
         a, xs = upcast(anchor), [upcast(x) for x in others]
         g = _cpu.signed_det(a, xs)
         ctx.save_for_backward(anchor, *others, g)
-        ctx.eps = eps
         return _cpu._sqrt_abs(g.clone(), eps)
 
     @staticmethod
     def backward(ctx, grad_out):
+        need_a, need_x = ctx.needs_input_grad[2], any(ctx.needs_input_grad[3:])
+        if ctx.engine is not _cpu:
+            anchor, *others = ctx.saved_tensors
+            if not (need_a or need_x):
+                return (None,) * (3 + len(others))  # pragma: no cover
+            ga, gx = ctx.engine.volume_backward(anchor, others, ctx.eps, grad_out, need_a, need_x)
+            ga = ga.to(anchor.dtype) if need_a else None
+            gx = [t.to(x.dtype) for t, x in zip(gx, others)] if need_x else [None] * len(others)
+            return (None, None, ga, *gx)
         anchor, *others, gdet = ctx.saved_tensors
-        need_a, need_x = ctx.needs_input_grad[1], any(ctx.needs_input_grad[2:])
         if not (need_a or need_x):
-            return (None,) * (2 + len(others))  # pragma: no cover (autograd calls backward only when needed)
+            return (None,) * (3 + len(others))  # pragma: no cover (autograd calls backward only when needed)
         a, xs = upcast(anchor), [upcast(x) for x in others]
         g = grad_out.to(a.dtype)
         ga, gx = _cpu.volume_backward(a, xs, gdet, ctx.eps, lambda i0, i1, j0, j1, vt: (g[i0:i1, j0:j1], None), need_a, need_x)
         ga = ga.to(anchor.dtype) if need_a else None
         gx = [t.to(x.dtype) for t, x in zip(gx, others)] if need_x else [None] * len(others)
-        return (None, ga, *gx)
+        return (None, None, ga, *gx)
 
 
 def _loss_stats(g: torch.Tensor, s: torch.Tensor, eps: float):
@@ -68,17 +82,24 @@ def _loss_stats(g: torch.Tensor, s: torch.Tensor, eps: float):
 
 
 class GramLossFunction(torch.autograd.Function):
-    """GRAM loss; forward args ``(scale, label_smoothing, stopgrad_gathered, eps, reduction, anchor, *others)``
-    with ``scale = 1/τ`` (0-dim)."""
+    """GRAM loss; forward args ``(scale, label_smoothing, stopgrad_gathered, eps, reduction, engine, anchor,
+    *others)`` with ``scale = 1/τ`` (0-dim) and ``engine`` the ``cpu`` or ``triton`` module."""
 
     @staticmethod
-    def forward(ctx, scale, label_smoothing, stopgrad, eps, reduction, anchor, *others):
-        a, xs = upcast(anchor), [upcast(x) for x in others]
-        g = _cpu.signed_det(a, xs)
-        s = scale.detach().to(a.dtype)
-        lse_r, lse_c, mean_r, mean_c = _loss_stats(g, s, eps)
+    def forward(ctx, scale, label_smoothing, stopgrad, eps, reduction, engine, anchor, *others):
+        ctx.engine = engine
+        if engine is _cpu:
+            a, xs = upcast(anchor), [upcast(x) for x in others]
+            g = _cpu.signed_det(a, xs)
+            s = scale.detach().to(a.dtype)
+            lse_r, lse_c, mean_r, mean_c = _loss_stats(g, s, eps)
+            vdiag = _cpu._sqrt_abs(g.diagonal().clone(), eps)
+        else:  # triton: one sweep, only O(N) statistics come back
+            g = None
+            s = scale.detach().float()
+            lse_r, lse_c, mean_r, mean_c, vdiag = engine.loss_stats(anchor, list(others), s, eps)
         ls = float(label_smoothing)
-        zd = -s * _cpu._sqrt_abs(g.diagonal().clone(), eps)
+        zd = -s * vdiag
         rows = lse_r - (1 - ls) * zd
         cols = lse_c - (1 - ls) * zd
         if ls:
@@ -94,6 +115,8 @@ class GramLossFunction(torch.autograd.Function):
         scale, anchor, *rest = ctx.saved_tensors
         others, (gdet, lse_r, lse_c) = rest[:-3], rest[-3:]
         ls, stopgrad, eps, reduction = ctx.options
+        if ctx.engine is not _cpu:
+            return GramLossFunction._triton_backward(ctx, grad_out, scale, anchor, others, lse_r, lse_c)
         acc = gdet.dtype
         n = gdet.shape[0]
         s = scale.detach().to(acc)
@@ -123,7 +146,7 @@ class GramLossFunction(torch.autograd.Function):
             ds = ds - torch.dot(dz.reshape(-1), vt.reshape(-1))
             return dz.mul_(-s), None
 
-        need_a, need_x = ctx.needs_input_grad[5], any(ctx.needs_input_grad[6:])
+        need_a, need_x = ctx.needs_input_grad[6], any(ctx.needs_input_grad[7:])
         ga, gx = None, [None] * len(others)
         if need_a or need_x:
             a, xs = upcast(anchor), [upcast(x) for x in others]
@@ -134,7 +157,21 @@ class GramLossFunction(torch.autograd.Function):
             for i0, i1, j0, j1 in _cpu._tiles(n, n, len(others), gdet.element_size()):
                 dv(i0, i1, j0, j1, _cpu._sqrt_abs(gdet[i0:i1, j0:j1], eps))
         grad_scale = ds.to(scale.dtype) if ctx.needs_input_grad[0] else None
-        return (grad_scale, None, None, None, None, ga, *gx)
+        return (grad_scale, None, None, None, None, None, ga, *gx)
+
+    @staticmethod
+    def _triton_backward(ctx, grad_out, scale, anchor, others, lse_r, lse_c):
+        ls, stopgrad, eps, reduction = ctx.options
+        n = anchor.shape[0]
+        g = grad_out.float()
+        w = ((g / n) if reduction == "mean" else g).expand(n) / 2  # weight of row i's and of column i's CE
+        need_s, need_a, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[6], any(ctx.needs_input_grad[7:])
+        ga, gx, ds = ctx.engine.loss_backward(anchor, others, scale.detach(), eps, lse_r, lse_c, w, ls, stopgrad,
+                                              need_a, need_x, need_s)
+        ga = ga.to(anchor.dtype) if need_a else None
+        gx = [t.to(x.dtype) for t, x in zip(gx, others)] if need_x else [None] * len(others)
+        grad_scale = ds.to(scale.dtype) if need_s else None
+        return (grad_scale, None, None, None, None, None, ga, *gx)
 
 
 def _check_modalities(anchor, others, same_rows: bool, what: str) -> None:
@@ -170,8 +207,20 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    return _backend.resolve(backend, device, "gram", has_triton=False)  # auto on CUDA: chunked PyTorch
+def _resolve(backend: str, anchor: torch.Tensor):
+    """``(name, engine)``: the backend's name and, for "cpu"/"triton", the engine module of the Functions.
+
+    "auto" (or ``XLOSS_BACKEND``) on CUDA picks triton, except for float64, which only the cpu engine takes;
+    an explicit ``backend="triton"`` with float64 raises ``triton.UnsupportedDtypeError`` (a TypeError).
+    """
+    name = _backend.resolve(backend, anchor.device, "gram")
+    if name != "triton":
+        return name, _cpu
+    from . import triton as _triton  # imported lazily: Triton is optional
+
+    if backend != "triton" and not _triton.supports(anchor.dtype):
+        return "cpu", _cpu
+    return name, _triton
 
 
 def gram_volume(anchor: torch.Tensor, *others: torch.Tensor, pairwise: bool = True, eps: float = 0.0,
@@ -187,7 +236,8 @@ def gram_volume(anchor: torch.Tensor, *others: torch.Tensor, pairwise: bool = Tr
         pairwise: True: ``[N1, N2]``; False (``N1 == N2``): the aligned volumes ``V_ii``, ``[N]``.
         eps: ``>= 0``, added to ``|det G|`` under the square root; ``eps > 0`` keeps gradients finite at
             degenerate (zero-volume) inputs.
-        backend: ``"auto"``/``"cpu"`` (chunked PyTorch) or ``"reference"`` (the det-based definition).
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere and for float64), ``"triton"``,
+            ``"cpu"`` (chunked PyTorch) or ``"reference"`` (the det-based definition).
 
     Returns:
         float32 for half inputs, float64 for float64 inputs.
@@ -196,12 +246,14 @@ def gram_volume(anchor: torch.Tensor, *others: torch.Tensor, pairwise: bool = Tr
     if not isinstance(pairwise, bool):
         raise TypeError(f"pairwise must be a bool, got {type(pairwise).__name__}")
     eps = _check_eps(eps)
-    name = _resolve(backend, anchor.device)
+    name, engine = _resolve(backend, anchor)
     if name == "reference":
         return _reference.gram_volume(anchor, *others, pairwise=pairwise, eps=eps)
-    if not pairwise:
+    if not pairwise:  # O(N·p²·D) row-wise products: plain PyTorch for every backend
         return _cpu.aligned_volume(upcast(anchor), [upcast(x) for x in others], eps)
-    return GramVolumeFunction.apply(eps, anchor, *others)
+    if torch.compiler.is_compiling():  # an opaque custom op instead of the engine's Python tile loops
+        return _ops.gram_volume(anchor, others, eps, name)
+    return GramVolumeFunction.apply(eps, engine, anchor, *others)
 
 
 def gram_loss(anchor: torch.Tensor, *others: torch.Tensor, temperature, label_smoothing: float = 0.1,
@@ -219,7 +271,7 @@ def gram_loss(anchor: torch.Tensor, *others: torch.Tensor, temperature, label_sm
             the other modalities (τ gets both).
         eps: ``>= 0``, see ``gram_volume``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample ``½(row_i + col_i)``, ``[N]``).
-        backend: ``"auto"``/``"cpu"`` or ``"reference"``.
+        backend: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"`` (see ``gram_volume``).
     """
     _check_modalities(anchor, others, same_rows=True, what="gram_loss")
     _checks.check_label_smoothing(label_smoothing)
@@ -230,11 +282,16 @@ def gram_loss(anchor: torch.Tensor, *others: torch.Tensor, temperature, label_sm
     if temperature is None:
         raise ValueError("temperature is required: a positive float or 0-dim tensor (the authors initialise it to 0.07)")
     scale = _checks.resolve_scale(None, temperature, anchor.device)
-    name = _resolve(backend, anchor.device)
+    name, engine = _resolve(backend, anchor)
     if name == "reference":
         return _reference.gram_loss(anchor, *others, temperature=1.0 / scale, label_smoothing=label_smoothing,
                                     stopgrad_gathered=stopgrad_gathered, eps=eps, reduction=reduction)
-    return GramLossFunction.apply(scale, float(label_smoothing), stopgrad_gathered, eps, reduction, anchor, *others)
+    if torch.compiler.is_compiling():  # an opaque custom op instead of the engine's Python tile loops
+        return _ops.gram_loss(scale, anchor, others, label_smoothing, stopgrad_gathered, eps, reduction, name)
+    return GramLossFunction.apply(scale, float(label_smoothing), stopgrad_gathered, eps, reduction, engine, anchor,
+                                  *others)
 
+
+from . import ops as _ops  # last: it registers the custom ops, which run the Functions above
 
 __all__ = ["GramLossFunction", "GramVolumeFunction", "gram_loss", "gram_volume"]

@@ -4,9 +4,12 @@
   modalities, the positive MIP on the diagonal), as the ``symile`` package computes it, op for op, so the
   numbers agree bit for bit (it is InfoNCE-sized: no tiling in this round).
 * ``negative_sampling="n_squared"``: ``SymileLSEFunction`` returns the ``[M, N]`` log-sum-exp of every anchor
-  over all ``N^{M-1}`` candidate tuples from one shared sweep over slabs of the score tensor (``cpu.lse``),
-  saving only the inputs and the LSE; backward recomputes the slabs (``cpu.grad``).  The positive term
-  ``−s·MIP(x_i, …)`` and the reduction are plain autograd on O(N·D) tensors.
+  over all ``N^{M-1}`` candidate tuples, saving only the inputs and the LSE; backward recomputes the score
+  tiles.  An engine module supplies the two sweeps ``lse`` and ``grad``: ``cpu.py`` (one shared sweep over
+  slabs of the score tensor, any device and dtype, any M) or ``triton.py`` (fused streaming kernels over
+  (j, l[, m]) tiles; M = 3 or 4, fp32/fp16/bf16).  ``backend="auto"`` picks triton for CUDA tensors when it
+  supports the case and the cpu engine otherwise.  The positive term ``−s·MIP(x_i, …)`` and the reduction are
+  plain autograd on O(N·D) tensors.
 """
 
 from __future__ import annotations
@@ -25,26 +28,47 @@ SAMPLINGS = ("n", "n_squared")
 class SymileLSEFunction(torch.autograd.Function):
     """``LSE^a_i = log Σ_{tuples} exp(s·MIP(X^a_i, other rows))`` for every anchor ``a``: ``[M, N]``.
 
-    Forward args: ``scale`` (0-dim), then the ``M`` modalities ``[N, D]`` (same dtype and device).
-    Output in the accumulation dtype (fp32 for half inputs, fp64 for fp64).
+    Forward args: ``scale`` (0-dim), ``engine`` (the ``cpu`` or ``triton`` module), then the ``M`` modalities
+    ``[N, D]`` (same dtype and device).  Output in the accumulation dtype (fp32 for half inputs, fp64 for fp64).
     """
 
     @staticmethod
-    def forward(ctx, scale, *reps):
-        xs = [_tiling.upcast(r) for r in reps]
-        s = scale.detach().to(xs[0].dtype)
-        out = _cpu.lse(xs, s)
+    def forward(ctx, scale, engine, *reps):
+        xs = _engine_inputs(engine, reps)
+        s = scale.detach().to(_tiling.accumulation_dtype(reps[0].dtype))
+        out = engine.lse(xs, s)
         ctx.save_for_backward(scale, out, *reps)
+        ctx.engine = engine
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         scale, out, *reps = ctx.saved_tensors
-        xs = [_tiling.upcast(r) for r in reps]
-        s = scale.detach().to(xs[0].dtype)
-        dxs, ds = _cpu.grad(xs, s, out, grad_out.to(out.dtype).contiguous(), ctx.needs_input_grad[0])
-        grads = [dx.to(r.dtype) if need else None for dx, r, need in zip(dxs, reps, ctx.needs_input_grad[1:])]
-        return (ds.to(scale.dtype) if ds is not None else None, *grads)
+        xs = _engine_inputs(ctx.engine, reps)
+        s = scale.detach().to(out.dtype)
+        dxs, ds = ctx.engine.grad(xs, s, out, grad_out.to(out.dtype).contiguous(), ctx.needs_input_grad[0])
+        grads = [dx.to(r.dtype) if need else None for dx, r, need in zip(dxs, reps, ctx.needs_input_grad[2:])]
+        return (ds.to(scale.dtype) if ds is not None else None, None, *grads)
+
+
+def _engine_inputs(engine, reps):
+    """The cpu engine works in the accumulation dtype; the kernels load the inputs in their own dtype."""
+    return [_tiling.upcast(r) for r in reps] if engine is _cpu else list(reps)
+
+
+def _engine(backend: str, reps: list[torch.Tensor]):
+    """``(name, engine)`` for ``"n_squared"``: "auto" (or ``XLOSS_BACKEND``) on CUDA picks triton where it
+    supports the case (M = 3, 4; not float64) and the cpu engine otherwise; an explicit ``backend="triton"``
+    that the kernels cannot take raises (``triton.UnsupportedDtypeError``, a TypeError, for float64; ValueError
+    for M ≥ 5)."""
+    name = _backend.resolve(backend, reps[0].device, "symile")
+    if name != "triton":
+        return name, _cpu
+    from . import triton as _triton  # imported lazily: Triton is optional
+
+    if backend != "triton" and not _triton.supports(reps[0].dtype, len(reps)):
+        return "cpu", _cpu
+    return name, _triton
 
 
 def _check_reps(reps) -> list[torch.Tensor]:
@@ -83,7 +107,9 @@ def _check_permutations(permutations, m: int, n: int) -> list[list[torch.Tensor]
                 raise TypeError(f"{msg}; got dtype {p.dtype}")
             if tuple(p.shape) != (n,):
                 raise ValueError(f"{msg}; got shape {tuple(p.shape)}")
-            if not torch.equal(torch.sort(p.detach().cpu().long()).values, arange):
+            # (a value check: skipped under torch.compile, where it would break the graph)
+            if not torch.compiler.is_compiling() and not torch.equal(torch.sort(p.detach().cpu().long()).values,
+                                                                     arange):
                 raise ValueError(f"{msg}; got a tensor that is not a permutation of range({n})")
             row.append(p.long())
         out.append(row)
@@ -117,8 +143,9 @@ def symile_loss(
             ``torch.manual_seed(k)`` before this call or ``Symile()(...)`` gives the same numbers).
         reduction: ``"mean"`` (the package), ``"sum"`` (over rows of the per-row mean over anchors) or
             ``"none"`` (``[N]``: each row's mean over anchors).
-        backend: ``"auto"``/``"cpu"`` (the chunked PyTorch path, on any device; there is no Triton kernel
-            yet, so ``"triton"`` raises RuntimeError) or ``"reference"`` (the naive definition).
+        backend: ``"auto"`` (``"n_squared"``: Triton on CUDA for M = 3, 4 and fp32/fp16/bf16, else the chunked
+            PyTorch path), ``"triton"``, ``"cpu"`` (chunked PyTorch, any device) or ``"reference"`` (the naive
+            definition).  ``"n"`` always runs the package's PyTorch ops (bit for bit), whatever the backend.
 
     Returns:
         0-dim loss or ``[N]``.  ``"n"``: in the input dtype (as the package); ``"n_squared"``: in the
@@ -135,10 +162,13 @@ def symile_loss(
         permutations = _check_permutations(permutations, m, n)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and torch.compiler.is_compiling():
+        raise ValueError("generator is not supported under torch.compile: draw the permutations outside the compiled "
+                         "function (xloss.reference.symile.draw_permutations(m, n, generator)) and pass permutations=")
     _checks.check_reduction(reduction)
     device = reps[0].device
     scale = _checks.resolve_scale(logit_scale, None, device)
-    name = _backend.resolve(backend, device, "symile", has_triton=False)
+    name = _backend.resolve(backend, device, "symile")
     if negative_sampling == "n" and permutations is None:
         permutations = draw_permutations(m, n, generator)
     if name == "reference" or negative_sampling == "n":
@@ -148,7 +178,11 @@ def symile_loss(
             reps, s, negative_sampling, permutations=permutations, reduction=reduction
         )
     acc = _tiling.accumulation_dtype(reps[0].dtype)
-    lse = SymileLSEFunction.apply(scale, *reps)  # [M, N]
+    engine_name, engine = _engine(backend, reps)
+    if torch.compiler.is_compiling():  # an opaque custom op instead of the engine's Python tile loops
+        lse = _ops.symile_lse(scale, reps, engine_name)
+    else:
+        lse = SymileLSEFunction.apply(scale, engine, *reps)  # [M, N]
     pos = reps[0].to(acc)
     for r in reps[1:]:
         pos = pos * r.to(acc)
@@ -156,5 +190,7 @@ def symile_loss(
     terms = (lse - scale.to(acc) * pos).mean(0)  # [N]
     return reduce_terms(terms, reduction)
 
+
+from . import ops as _ops  # last: it registers the custom ops, which run the Function above
 
 __all__ = ["SymileLSEFunction", "symile_loss"]
