@@ -40,8 +40,13 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
 
 
 def _value_check(cond: torch.Tensor, message: str) -> None:
-    """Raise ValueError(message) unless the boolean 0-dim tensor `cond` holds, without a sync on CUDA."""
-    if cond.device.type == "cpu":
+    """Raise ValueError(message) unless the boolean 0-dim tensor `cond` holds, without a sync on CUDA.
+
+    Under ``torch.compile`` reading the value would break the graph: the check becomes an in-graph
+    ``_assert_async`` (RuntimeError when it fails)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond, message)
+    elif cond.device.type == "cpu":
         if not bool(cond):
             raise ValueError(message)
     else:
@@ -87,11 +92,18 @@ def resolve_scale(logit_scale, temperature, device: torch.device) -> torch.Tenso
         raise ValueError("give either logit_scale or temperature, not both (temperature=t means logit_scale=1/t)")
     if temperature is not None:
         t = _scalar("temperature", temperature, device)
-        _value_check(t > 0, f"temperature must be positive, got {temperature if t.device.type == 'cpu' else 'a non-positive value'}")
+        _value_check(t > 0, f"temperature must be positive, got {_shown(temperature, t)}")
         return 1.0 / t
     if logit_scale is not None:
         return _scalar("logit_scale", logit_scale, device)
     return torch.ones((), dtype=torch.float64, device=device)
+
+
+def _shown(value, t: torch.Tensor):
+    """``value`` for an error message, when printing it needs no device sync (nor a graph break in compile)."""
+    if t.device.type != "cpu" or (isinstance(value, torch.Tensor) and torch.compiler.is_compiling()):
+        return "a non-positive value"
+    return value
 
 
 def _scalar(name: str, value, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,395 @@
+"""Cross-rank losses (xloss.distributed) against the single-process loss on the concatenated batch.
+
+Process spawning is the expensive part (seconds per world on a busy 2-core machine), so one module fixture
+starts two gloo worlds (2 and 4 ranks, forked, init over a file://) and runs every check inside them; each
+check records "ok" or its traceback per rank, and the tests below read those records.  fp64 everywhere, so
+that the comparisons can be tight (rtol 1e-10).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import importlib.util
+import json
+import os
+import time
+import traceback
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: its kernels run on CPU tensors
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import xloss
+from xloss import reference
+from xloss.reference.sigmoid import sigmoid_loss as _sigmoid_reference
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is needed"
+)
+
+F64 = torch.float64
+RTOL, ATOL = 1e-10, 1e-12
+# Per-rank (queries, keys): an even split and an uneven one (n_r <= m_r so that default labels are valid).
+SIZES = {
+    2: {"even": ([4, 4], [4, 4]), "uneven": ([3, 5], [4, 7])},
+    4: {"even": ([3, 3, 3, 3], [3, 3, 3, 3]), "uneven": ([2, 3, 1, 4], [3, 5, 2, 6])},
+}
+D = 5
+MEM_N, MEM_M, MEM_D = 32, 4096, 128  # memory check: per-rank queries, keys, features (a key block = 4 MiB)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker side
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _close(actual, expected, what, rtol=RTOL, atol=ATOL):
+    # Not torch.testing.assert_close: with a process group up it imports torch.distributed.tensor (seconds).
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
+        err = ((actual - expected).abs() / (atol + rtol * expected.abs())).max()
+        raise AssertionError(f"{what}: not close (worst |error| / tolerance = {float(err):.3g})")
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty((dist.get_world_size(),) + tuple(x.shape))
+    dist.all_gather_into_tensor(out.view(-1), x.contiguous().view(-1))
+    return out
+
+
+def _batch(world, split, seed):
+    """The global batch (the same on every rank: same seed) and this rank's slices."""
+    n, m = SIZES[world][split]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(n), D, dtype=F64, generator=g)
+    k = torch.randn(sum(m), D, dtype=F64, generator=g)
+    labels = torch.randint(0, sum(m), (sum(n),), generator=g)
+    grad = torch.rand(sum(n), dtype=F64, generator=g) + 0.5
+    rank = dist.get_rank()
+    qs = slice(sum(n[:rank]), sum(n[: rank + 1]))
+    ks = slice(sum(m[:rank]), sum(m[: rank + 1]))
+    default = torch.cat([torch.arange(n[r]) + sum(m[:r]) for r in range(world)])  # default global positives
+    return q, k, labels, default, grad, qs, ks
+
+
+def _check_reduced(loss, ref, reduction, grad, qs):
+    """The loss the distributed call returns against the reference; the grad_output to use on this rank."""
+    if reduction == "none":
+        _close(loss, ref[qs], "per-query terms")
+        return grad[qs]
+    _close(loss, ref, "loss")
+    values = _gather(loss.detach().reshape(1))
+    assert bool((values == values[0]).all()), f"the global loss differs across ranks: {values.tolist()}"
+    return torch.tensor(0.7, dtype=F64)
+
+
+def _check_info_nce(world):
+    group = dist.group.WORLD
+    configs = [
+        {"symmetric": True, "labels": False, "eps": 0.0, "reduction": "mean", "scale": "tensor"},
+        {"symmetric": True, "labels": True, "eps": 0.1, "reduction": "sum", "scale": "tensor"},
+        {"symmetric": False, "labels": True, "eps": 0.0, "reduction": "none", "scale": "tensor"},
+        {"symmetric": False, "labels": False, "eps": 0.2, "reduction": "mean", "scale": "temperature"},
+        {"symmetric": True, "labels": True, "eps": 0.0, "reduction": "none", "scale": "float"},
+        {"symmetric": True, "labels": False, "eps": 0.3, "reduction": "none", "scale": "tensor"},
+    ]
+    seed = 0
+    for exchange in ("ring", "all_gather"):
+        for split in ("even", "uneven"):
+            for cfg in configs:
+                seed += 1
+                what = f"info_nce {exchange} {split} {cfg}"
+                q, k, labels, default, grad, qs, ks = _batch(world, split, seed)
+                lab = labels if cfg["labels"] else default
+                qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+                sr = torch.tensor(1.7, dtype=F64, requires_grad=True)
+                ref = reference.info_nce(qr, kr, logit_scale=sr, labels=lab, symmetric=cfg["symmetric"],
+                                         label_smoothing=cfg["eps"], reduction=cfg["reduction"])
+                ql, kl = q[qs].clone().requires_grad_(), k[ks].clone().requires_grad_()
+                s = torch.tensor(1.7, dtype=F64, requires_grad=True)
+                scale = {"tensor": {"logit_scale": s}, "float": {"logit_scale": 1.7},
+                         "temperature": {"temperature": 1 / s}}[cfg["scale"]]
+                loss = xloss.info_nce(
+                    ql, kl, **scale, labels=labels[qs] if cfg["labels"] else None, symmetric=cfg["symmetric"],
+                    label_smoothing=cfg["eps"], reduction=cfg["reduction"], group=group, exchange=exchange,
+                )
+                g = _check_reduced(loss, ref, cfg["reduction"], grad, qs)
+                (loss * g).sum().backward()
+                (ref * (grad if cfg["reduction"] == "none" else g)).sum().backward()
+                _close(ql.grad, qr.grad[qs], f"{what}: grad query")
+                _close(kl.grad, kr.grad[ks], f"{what}: grad key")
+                if cfg["scale"] != "float":  # each rank holds its share: the sum over ranks is the full gradient
+                    _close(_gather(s.grad.reshape(1)).sum(), sr.grad, f"{what}: Σ_ranks grad logit_scale")
+        with torch.no_grad():  # forward only (nothing saved, nothing exchanged in backward)
+            q, k, labels, default, grad, qs, ks = _batch(world, "uneven", 99)
+            loss = xloss.info_nce(q[qs], k[ks], labels=labels[qs], group=group, exchange=exchange)
+            _close(loss, reference.info_nce(q, k, labels=labels), f"info_nce {exchange} no_grad")
+    # all_gather's fallback for a backend without reduce_scatter: all_reduce of the padded dk buffer.
+    from xloss import distributed
+
+    distributed._REDUCE_SCATTER_OK = False
+    try:
+        q, k, labels, default, grad, qs, ks = _batch(world, "uneven", 98)
+        qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+        reference.info_nce(qr, kr, labels=labels, label_smoothing=0.1).backward()
+        ql, kl = q[qs].clone().requires_grad_(), k[ks].clone().requires_grad_()
+        xloss.info_nce(ql, kl, labels=labels[qs], label_smoothing=0.1, group=group, exchange="all_gather").backward()
+        _close(ql.grad, qr.grad[qs], "all_gather without reduce_scatter: grad query")
+        _close(kl.grad, kr.grad[ks], "all_gather without reduce_scatter: grad key")
+    finally:
+        distributed._REDUCE_SCATTER_OK = True
+
+
+def _check_triton(world):
+    """The Triton engines (the interpreter here) under both exchanges: fp32 inputs against fp64."""
+    if importlib.util.find_spec("triton") is None:
+        return "skip: Triton is not installed"
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):  # gloo serves CPU tensors only
+        return "skip: TRITON_INTERPRET=0 (CUDA tensors need NCCL and one GPU per rank)"
+    for exchange in ("ring", "all_gather"):
+        q, k, labels, _, _, qs, ks = _batch(world, "uneven", 300)
+        qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+        ref = reference.info_nce(qr, kr, logit_scale=3.0, labels=labels, label_smoothing=0.1)
+        ref.backward()
+        ql = q[qs].float().requires_grad_()
+        kl = k[ks].float().requires_grad_()
+        loss = xloss.info_nce(ql, kl, logit_scale=3.0, labels=labels[qs], label_smoothing=0.1, backend="triton",
+                              group=dist.group.WORLD, exchange=exchange)
+        loss.backward()
+        what = f"triton info_nce {exchange}"
+        _close(loss.double(), ref.detach(), f"{what}: loss", rtol=1e-5, atol=1e-6)
+        _close(ql.grad.double(), qr.grad[qs], f"{what}: grad query", rtol=1e-4, atol=1e-6)
+        _close(kl.grad.double(), kr.grad[ks], f"{what}: grad key", rtol=1e-4, atol=1e-6)
+        for reduction in ("mean", "none"):
+            qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+            ref = _sigmoid_reference(qr, kr, logit_scale=3.0, logit_bias=-2.0, labels=labels, reduction=reduction)
+            ref.sum().backward()
+            ql = q[qs].float().requires_grad_()
+            kl = k[ks].float().requires_grad_()
+            loss = xloss.sigmoid_loss(ql, kl, logit_scale=3.0, logit_bias=-2.0, labels=labels[qs],
+                                      reduction=reduction, backend="triton", group=dist.group.WORLD,
+                                      exchange=exchange)
+            loss.sum().backward()
+            what = f"triton sigmoid {exchange} {reduction}"
+            _close(loss.double(), ref.detach()[qs] if reduction == "none" else ref.detach(), f"{what}: loss",
+                   rtol=1e-5, atol=1e-5)
+            _close(ql.grad.double(), qr.grad[qs], f"{what}: grad query", rtol=1e-4, atol=1e-5)
+            _close(kl.grad.double(), kr.grad[ks], f"{what}: grad key", rtol=1e-4, atol=1e-5)
+
+
+def _check_sigmoid(world):
+    from xloss import distributed
+
+    group = dist.group.WORLD
+    seed = 100
+    for exchange in ("ring", "all_gather"):
+        for split in ("even", "uneven"):
+            for use_labels, reduction in ((False, "mean"), (True, "sum"), (True, "none"), (False, "none")):
+                seed += 1
+                what = f"sigmoid {exchange} {split} labels={use_labels} {reduction}"
+                q, k, labels, default, grad, qs, ks = _batch(world, split, seed)
+                lab = labels if use_labels else default
+                qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+                sr = torch.tensor(2.5, dtype=F64, requires_grad=True)
+                br = torch.tensor(-1.3, dtype=F64, requires_grad=True)
+                ref = _sigmoid_reference(qr, kr, logit_scale=sr, logit_bias=br, labels=lab,
+                                             reduction=reduction)
+                ql, kl = q[qs].clone().requires_grad_(), k[ks].clone().requires_grad_()
+                s = torch.tensor(2.5, dtype=F64, requires_grad=True)
+                b = torch.tensor(-1.3, dtype=F64, requires_grad=True)
+                fn = xloss.sigmoid_loss if split == "uneven" else distributed.sigmoid_loss  # public: dispatches
+                loss = fn(
+                    ql, kl, logit_scale=s, logit_bias=b, labels=labels[qs] if use_labels else None,
+                    reduction=reduction, group=group, exchange=exchange,
+                )
+                g = _check_reduced(loss, ref, reduction, grad, qs)
+                (loss * g).sum().backward()
+                (ref * (grad if reduction == "none" else g)).sum().backward()
+                _close(ql.grad, qr.grad[qs], f"{what}: grad query")
+                _close(kl.grad, kr.grad[ks], f"{what}: grad key")
+                _close(_gather(s.grad.reshape(1)).sum(), sr.grad, f"{what}: Σ_ranks grad logit_scale")
+                _close(_gather(b.grad.reshape(1)).sum(), br.grad, f"{what}: Σ_ranks grad logit_bias")
+        with torch.no_grad():
+            q, k, labels, default, grad, qs, ks = _batch(world, "uneven", 199)
+            loss = distributed.sigmoid_loss(q[qs], k[ks], logit_scale=2.0, logit_bias=-1.0, labels=labels[qs],
+                                            group=group, exchange=exchange)
+            _close(loss, _sigmoid_reference(q, k, logit_scale=2.0, logit_bias=-1.0, labels=labels),
+                   f"sigmoid {exchange} no_grad")
+
+
+def _check_bad_input(world):
+    """Inconsistent inputs raise the same error on EVERY rank (no rank is left waiting in a collective)."""
+    rank, group = dist.get_rank(), dist.group.WORLD
+    q, k = torch.randn(3, D, dtype=F64), torch.randn(4, D, dtype=F64)
+    m_total = 4 * world
+    for exchange in ("ring", "all_gather"):
+        call = {"group": group, "exchange": exchange}
+        with pytest.raises(ValueError, match=r"same feature dimension D on every rank, got D = \[5, 6"):
+            xloss.info_nce(torch.randn(3, D + rank, dtype=F64), torch.randn(4, D + rank, dtype=F64), **call)
+        with pytest.raises(TypeError, match="same dtype on every rank"):
+            t = F64 if rank == 0 else torch.float32
+            xloss.info_nce(q.to(t), k.to(t), **call)
+        bad = torch.tensor([0, 1, m_total if rank == 0 else 2])
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, {m_total}\).*rank 0 has values in \[0, "):
+            xloss.info_nce(q, k, labels=bad, **call)
+        with pytest.raises(ValueError, match=r"rank 1: query has more rows than key \(6 > 4\)"):
+            xloss.info_nce(torch.randn(6 if rank == 1 else 3, D, dtype=F64), k, **call)
+        with pytest.raises(ValueError, match=r"backend 'gloo' serves \(cpu\); rank\(s\) \[1\]"):
+            dev = "meta" if rank == 1 else "cpu"
+            xloss.info_nce(q.to(dev), k.to(dev), **call)
+        with pytest.raises(ValueError, match="logit_scale must be the same on every rank"):
+            xloss.info_nce(q, k, logit_scale=1.0 + rank, **call)
+        with pytest.raises(ValueError, match="logit_bias must be the same on every rank"):
+            from xloss import distributed
+
+            distributed.sigmoid_loss(q, k, logit_scale=1.0, logit_bias=float(rank), **call)
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        xloss.info_nce(q, k, group=group, exchange="broadcast")
+    with pytest.raises(ValueError, match="reference.*single-process only"):
+        xloss.info_nce(q, k, group=group, backend="reference")
+    # The group is still in step after all those errors: a valid call works and agrees across ranks.
+    loss = xloss.info_nce(q, k, group=group)
+    values = _gather(loss.reshape(1))
+    assert bool((values == values[0]).all())
+
+
+def _check_one_rank_group(world):
+    """A group of size 1 is the single-process loss (local labels, local batch)."""
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank takes part in every new_group
+    g = torch.Generator().manual_seed(7 + dist.get_rank())
+    q, k = torch.randn(3, D, dtype=F64, generator=g), torch.randn(5, D, dtype=F64, generator=g)
+    labels = torch.tensor([4, 0, 2])
+    got = xloss.info_nce(q, k, labels=labels, group=groups[dist.get_rank()], exchange="all_gather")
+    _close(got, xloss.info_nce(q, k, labels=labels), "one-rank group")
+
+
+def _rss(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _measure_memory(world, out):
+    """Peak resident memory of one forward+backward per rank, per exchange, at a fixed per-rank batch."""
+    # Large blocks straight from mmap and back to the OS when freed: the RSS then follows live memory and
+    # the high-water mark (reset through /proc/self/clear_refs) is the peak of this call alone.
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixed, which also stops glibc's dynamic raise)
+    libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+    g = torch.Generator().manual_seed(dist.get_rank())
+    q = torch.randn(MEM_N, MEM_D, dtype=F64, generator=g).requires_grad_()
+    k = torch.randn(MEM_M, MEM_D, dtype=F64, generator=g).requires_grad_()
+    peaks = {}
+    for exchange in ("ring", "all_gather"):
+        for _ in range(2):  # the first run warms up gloo's and the allocator's own buffers
+            q.grad = k.grad = None
+            dist.barrier()
+            base = _rss("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            xloss.info_nce(q, k, group=dist.group.WORLD, exchange=exchange).backward()
+            peaks[exchange] = _rss("VmHWM") - base
+    with open(os.path.join(out, f"mem_{world}_{dist.get_rank()}.json"), "w") as f:
+        json.dump(peaks, f)
+
+
+def _worker(rank, world, path, out):
+    torch.set_num_threads(1)  # forked children: no OpenMP pool inherited from the parent
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    results = {}
+    checks = [_check_info_nce, _check_sigmoid, _check_one_rank_group, _measure_memory]
+    if world == 2:
+        checks[2:2] = [_check_bad_input, _check_triton]
+    try:
+        for check in checks:
+            start = time.perf_counter()
+            try:
+                got = check(world, out) if check is _measure_memory else check(world)
+                results[check.__name__] = got or "ok"
+            except Exception:  # noqa: BLE001 (recorded and reported by the test that reads it)
+                results[check.__name__] = traceback.format_exc()
+            results["seconds " + check.__name__] = round(time.perf_counter() - start, 2)
+    finally:
+        with open(os.path.join(out, f"results_{world}_{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    for world in (2, 4):
+        mp.start_processes(_worker, args=(world, str(out / f"rendezvous_{world}"), str(out)), nprocs=world,
+                           join=True, start_method="fork")
+    return out
+
+
+def _results(out, world):
+    records = []
+    for rank in range(world):
+        with open(out / f"results_{world}_{rank}.json") as f:
+            records.append(json.load(f))
+    return records
+
+
+def _assert_ok(out, world, check):
+    for rank, record in enumerate(_results(out, world)):
+        assert check in record, f"{check} did not run on rank {rank} of {world}"
+        if record[check].startswith("skip: "):
+            pytest.skip(record[check][6:])
+        assert record[check] == "ok", f"rank {rank} of {world}:\n{record[check]}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_info_nce_matches_single_process(worlds, world):
+    _assert_ok(worlds, world, "_check_info_nce")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sigmoid_matches_single_process(worlds, world):
+    _assert_ok(worlds, world, "_check_sigmoid")
+
+
+def test_bad_input_raises_on_every_rank(worlds):
+    _assert_ok(worlds, 2, "_check_bad_input")
+
+
+def test_triton_engine_under_both_exchanges(worlds):
+    _assert_ok(worlds, 2, "_check_triton")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_one_rank_group_is_single_process(worlds, world):
+    _assert_ok(worlds, world, "_check_one_rank_group")
+
+
+def test_ring_memory_is_flat_in_world_size(worlds):
+    """Ring: a fixed set of key-block buffers whatever the world size (two ranks need one receive buffer
+    less than three or more, so 2 → 4 ranks may add that one block and nothing more); all_gather, the
+    control that proves the measurement sees key blocks, grows by two blocks of keys and two of gradients."""
+    for world in (2, 4):
+        _assert_ok(worlds, world, "_measure_memory")
+    peak = {}
+    for world in (2, 4):
+        for rank in range(world):
+            with open(worlds / f"mem_{world}_{rank}.json") as f:
+                for exchange, value in json.load(f).items():
+                    peak[exchange, world] = max(peak.get((exchange, world), 0), value)
+    block = MEM_M * MEM_D * 8
+    shown = {f"{e} {w} ranks": f"{v / 2**20:.1f} MiB" for (e, w), v in peak.items()}
+    growth_ring = peak["ring", 4] - peak["ring", 2]
+    growth_gather = peak["all_gather", 4] - peak["all_gather", 2]
+    assert growth_gather > 3 * block, f"all_gather peaks do not show the gathered keys: {shown}"
+    assert growth_ring < 1.5 * block, f"ring peak grew from 2 to 4 ranks: {shown}"
+    assert peak["ring", 4] < 7 * block, f"ring peak is more than a few key blocks: {shown}"
+    assert peak["ring", 4] < peak["all_gather", 4] - 2 * block, shown
