@@ -6,31 +6,51 @@ Public API::
     xloss.maxsim(q, d, q_mask, d_mask, ...)            # late interaction (ColBERT / FILIP) scores [Nq, Nd]
     xloss.maxsim_pairs(q, d, ...)                      # query a against document a, [N]
     xloss.late_interaction_loss(q, d, logit_scale=...) # MaxSim scores, then cross-entropy
+    xloss.sigmoid_loss(query, key, logit_scale=s, logit_bias=b)  # SigLIP, gradients in one sweep
     xloss.symile_loss([x, y, z], logit_scale=...)      # Symile (multilinear inner product), n_squared streamed
+    xloss.banzhaf_interaction(sim, p, q, ...)          # HBI Monte-Carlo Banzhaf interaction [B, T, V]
     xloss.gram_loss(a, x, y, temperature=0.07)        # GRAM (Gram volume), no [N, N, k, k] tensor
     xloss.reference.info_nce(...)                      # the naive definition (the spec)
+    xloss.nn.ClipLoss(...), xloss.nn.SigLipLoss(...)   # open_clip drop-ins; InfoNCELoss, ... modules
     xloss.available_backends()                         # what this machine can run
 
 See README.md and SPEC.md for the formulas.
 """
 
-from . import reference
+from . import nn, reference
 from ._backend import available_backends
 from ._version import __version__
+from .banzhaf import banzhaf_interaction
 from .gram import gram_loss, gram_volume
 from .info_nce import info_nce
 from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
+from .sigmoid import sigmoid_loss
 from .symile import symile_loss
+
+
+def __getattr__(name):
+    # ``xloss.distributed`` is imported on first use: it pulls in torch._dynamo (for torch.compiler.disable),
+    # which costs seconds and imports Triton, and a single-process user never needs it.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",
     "available_backends",
+    "banzhaf_interaction",
+    "distributed",
     "gram_loss",
     "gram_volume",
     "info_nce",
     "late_interaction_loss",
     "maxsim",
     "maxsim_pairs",
+    "nn",
     "reference",
+    "sigmoid_loss",
     "symile_loss",
 ]

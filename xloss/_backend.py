@@ -42,8 +42,21 @@ def available_backends() -> dict:
         "cpu": True,
         "reference": True,
         "triton": triton_available() and (torch.cuda.is_available() or triton_interpret()),
-        "cuda": False,  # compiled CUDA ops arrive with the compiled-ops work; no loss uses them yet
+        "cuda": compiled_cuda_available(),
     }
+
+
+def compiled_cuda_available() -> bool:
+    """True when the compiled ops (xloss/csrc) are loaded with CUDA kernels.  Without CUDA this answers False
+    at once; with CUDA it loads (on first call, building if needed) the compiled ops, never at import."""
+    if not torch.cuda.is_available():
+        return False
+    from . import _ext
+
+    if not _ext.load():
+        return False
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("xloss::")]
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA") for n in names)
 
 
 def resolve(backend: str, device: torch.device, family: str = "info_nce", has_triton: bool = True) -> str:

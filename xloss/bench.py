@@ -327,6 +327,97 @@ register(
 )
 
 
+# --- MaxSim scoring on CPU with the compiled op (xloss::maxsim_q2d) ------------------------------------------
+# Index/reranking machines: Nq queries of 32 tokens against Nd documents, D = shape[2], no gradient.
+# "maxsim_cpu_op": documents of exactly 300 tokens (no mask); "maxsim_cpu_op_ragged": lengths uniform in
+# [50, 800], padded to 800 with a prefix mask (the naive scorer pays for the padding, the op does not).  Extra
+# baseline "maxsim_cpu": the maxsim-cpu PyPI package (mixedbread-ai; one query at a time, numpy inputs;
+# ``maxsim_scores_variable`` with a list of unpadded documents for the ragged family).
+
+MAXSIM_OP_LQ = 32
+MAXSIM_OP_FIXED_LD = 300
+MAXSIM_OP_RAGGED = (50, 800)
+
+
+def _maxsim_op_inputs(ragged: bool) -> Callable[[Shape, torch.dtype, torch.device], dict]:
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+        """L2-normalised ``q [Nq, 32, D]`` and ``d [Nd, Ld, D]`` (+ prefix mask and unpadded numpy copies)."""
+        nq, nd, dim = shape
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def tokens_of(n: int, length: int) -> torch.Tensor:
+            x = torch.randn(n, length, dim, generator=gen, device=device)
+            return torch.nn.functional.normalize(x, dim=-1).to(dtype)
+
+        ld = MAXSIM_OP_RAGGED[1] if ragged else MAXSIM_OP_FIXED_LD
+        inputs = {"q": tokens_of(nq, MAXSIM_OP_LQ), "d": tokens_of(nd, ld), "d_mask": None}
+        lengths = torch.full((nd,), ld)
+        if ragged:
+            lengths = torch.randint(MAXSIM_OP_RAGGED[0], ld + 1, (nd,), generator=gen, device=device)
+            inputs["d_mask"] = torch.arange(ld, device=device)[None, :] < lengths[:, None]
+        if importlib.util.find_spec("maxsim_cpu") is not None and dtype == torch.float32 and device.type == "cpu":
+            # The package's inputs, built outside the timed runs: float32 numpy, unpadded documents.
+            inputs["np_q"] = [x.numpy() for x in inputs["q"]]
+            inputs["np_d"] = [inputs["d"][b, : int(n)].numpy() for b, n in enumerate(lengths)] if ragged else (
+                inputs["d"].numpy())
+        return inputs
+
+    return make
+
+
+def _maxsim_op_xloss(inputs: dict) -> None:
+    import xloss
+
+    with torch.no_grad():
+        xloss.maxsim(inputs["q"], inputs["d"], None, inputs["d_mask"])
+
+
+def _maxsim_op_naive(inputs: dict) -> None:
+    """The naive scorer: einsum + (masked) max + sum, the padded [Nq, Nd, Lq, Ld] similarities."""
+    from xloss import reference
+
+    with torch.no_grad():
+        reference.maxsim(inputs["q"], inputs["d"], None, inputs["d_mask"])
+
+
+def _maxsim_op_package(inputs: dict) -> None:
+    import maxsim_cpu
+
+    if "np_q" not in inputs:
+        raise RuntimeError("maxsim_cpu runs on float32 CPU inputs only")
+    score = maxsim_cpu.maxsim_scores_variable if isinstance(inputs["np_d"], list) else maxsim_cpu.maxsim_scores
+    for q in inputs["np_q"]:
+        score(q, inputs["np_d"])
+
+
+def _maxsim_op_backend(device: torch.device) -> str:
+    from xloss import _ext
+
+    return "cpu-op" if device.type == "cpu" and _ext.has_op("maxsim_q2d") else _xloss_backend("late_interaction")(device)
+
+
+for _name, _ragged in (("maxsim_cpu_op", False), ("maxsim_cpu_op_ragged", True)):
+    _ld = MAXSIM_OP_RAGGED[1] if _ragged else MAXSIM_OP_FIXED_LD
+    register(
+        Family(
+            name=_name,
+            make_inputs=_maxsim_op_inputs(_ragged),
+            xloss=Impl("xloss", "xloss.maxsim (no_grad, CPU op)", _maxsim_op_xloss, _maxsim_op_backend),
+            naive=Impl(
+                "naive", "xloss.reference.maxsim (no_grad, padded)", _maxsim_op_naive, lambda device: "reference",
+                estimate_peak_bytes=_late_naive_peak((MAXSIM_OP_LQ, _ld), NAIVE_LATE_SCORE_FACTOR),
+            ),
+            extras={
+                "maxsim_cpu": Impl(
+                    "maxsim_cpu", "maxsim_cpu.maxsim_scores" + ("_variable" if _ragged else ""), _maxsim_op_package,
+                    lambda device: "cpu", unavailable=_missing("maxsim_cpu"),
+                ),
+            },
+            flops=_late_flops((MAXSIM_OP_LQ, _ld), backward=False),  # ragged: padded FLOPs (the naive work)
+        )
+    )
+
+
 # --- Symile ("n_squared", M = 3) ----------------------------------------------------------------------------
 # The shape tuple is (N, N, D): three modalities [N, D].  The naive loss builds, per anchor, the N^2 products of
 # the other two modalities (a list and its concatenation, N^2·D each) and the [N, N^2] logits; with a gradient
@@ -464,6 +555,105 @@ register(
 )
 
 
+# --- Banzhaf interaction (HBI) -------------------------------------------------------------------------------
+# The shape tuple is (B, T, V): B pairs of T words and V frames, BANZHAF_SAMPLES coalitions per (word, frame),
+# mode "hbi".  No gradient (the result is a distillation target): both runs are forward only.  "naive" is the
+# reference port of HBI's Python loop (T·V·samples iterations of small batched ops); both sample their own
+# coalitions (the values on the same explicit coalitions are compared in tests/test_banzhaf.py).
+BANZHAF_SAMPLES = 10
+
+
+def _banzhaf_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+    """HBI-like inputs: similarities ×1000, softmaxed weights, ragged word masks, all frames valid."""
+    b, t, v = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    tm = torch.arange(t, device=device)[None] < torch.randint(1, t + 1, (b,), generator=gen, device=device)[:, None]
+    vm = torch.ones(b, v, dtype=torch.bool, device=device)
+    sim = (torch.rand(b, t, v, generator=gen, device=device) * 2 - 1) * 1000
+    p = torch.softmax(torch.randn(b, t, generator=gen, device=device).masked_fill(~tm, -9e15), -1)
+    q = torch.softmax(torch.randn(b, v, generator=gen, device=device), -1)
+    return {"sim": sim.to(dtype), "p": p.to(dtype), "q": q.to(dtype), "tm": tm, "vm": vm}
+
+
+def _banzhaf_run(naive: bool) -> Callable[[dict], None]:
+    def run(inputs: dict) -> None:
+        import xloss
+
+        xloss.banzhaf_interaction(
+            inputs["sim"], inputs["p"], inputs["q"], inputs["tm"], inputs["vm"], num_samples=BANZHAF_SAMPLES,
+            generator=torch.Generator().manual_seed(1), backend="reference" if naive else "auto",
+        )
+
+    return run
+
+
+def _banzhaf_backend(device: torch.device) -> str:
+    from xloss import banzhaf
+
+    if banzhaf._path("auto", device) != "op":
+        return "cpu"  # the vectorised PyTorch path
+    return "cuda" if device.type == "cuda" else "cpp"  # the compiled op
+
+
+register(
+    Family(
+        name="banzhaf",
+        make_inputs=_banzhaf_inputs,
+        xloss=Impl("xloss", f"xloss.banzhaf_interaction (hbi, {BANZHAF_SAMPLES} samples)", _banzhaf_run(False),
+                   _banzhaf_backend),
+        naive=Impl("naive", f"xloss.reference.banzhaf_interaction (HBI's loop, {BANZHAF_SAMPLES} samples)",
+                   _banzhaf_run(True), lambda device: "reference"),
+    )
+)
+
+
+# --- Sigmoid loss (SigLIP) ---------------------------------------------------------------------------------
+# Peak of the naive sigmoid loss forward+backward as multiples of N·M·itemsize: the logits, the ±1 label
+# matrix, their product, logsigmoid's output and buffer, and in backward the gradients of the product and of
+# the logits (measured as RSS growth on CPU fp32, see the family's report).
+NAIVE_SIGMOID_FACTOR = 6.0
+SIGLIP_INIT = (10.0, -10.0)  # SigLIP's initial logit scale (exp(log 10)) and bias
+
+
+def _sigmoid_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+    """L2-normalised ``q [N, D]``, ``k [M, D]``, 0-dim fp32 scale 10 and bias -10, all requiring grad."""
+    inputs = _info_nce_inputs(shape, dtype, device)
+    inputs["scale"] = torch.tensor(SIGLIP_INIT[0], device=device, requires_grad=True)
+    inputs["bias"] = torch.tensor(SIGLIP_INIT[1], device=device, requires_grad=True)
+    return inputs
+
+
+def _sigmoid_run(naive: bool) -> Callable[[dict], None]:
+    def run(inputs: dict) -> None:
+        import xloss
+        from xloss import reference
+
+        fn = reference.sigmoid_loss if naive else xloss.sigmoid_loss
+        fn(inputs["q"], inputs["k"], logit_scale=inputs["scale"], logit_bias=inputs["bias"]).backward()
+
+    return run
+
+
+def _sigmoid_naive_peak(shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
+    n, m, d = shape
+    size = torch.empty((), dtype=dtype).element_size()
+    return int(NAIVE_SIGMOID_FACTOR * n * m * size + 2 * (n + m) * d * size)
+
+
+register(
+    Family(
+        name="sigmoid",
+        make_inputs=_sigmoid_inputs,
+        xloss=Impl("xloss", "xloss.sigmoid_loss", _sigmoid_run(False), _xloss_backend("sigmoid")),
+        naive=Impl(
+            "naive", "xloss.reference.sigmoid_loss (open_clip SigLipLoss)", _sigmoid_run(True),
+            lambda device: "reference", estimate_peak_bytes=_sigmoid_naive_peak,
+        ),
+        flops=lambda shape: 6.0 * shape[0] * shape[1] * shape[2],  # 3 GEMM sweeps (SPEC.md §2)
+    )
+)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Presets: which shapes, dtype, device and baselines
 # ----------------------------------------------------------------------------------------------------------
@@ -489,7 +679,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
     "default": {
         "cpu": Preset(
             _square((1024, 2048, 4096, 8192, 16384), 512), "float32",
-            families=("info_nce", "late_interaction", "maxsim_scoring", "gram", "symile"),
+            families=("info_nce", "late_interaction", "maxsim_scoring", "gram", "symile", "sigmoid"),
             family_shapes={
                 "late_interaction": _square((64, 128, 256), 128),  # Lq=32, Ld=180
                 "maxsim_scoring": ((64, 250, 128), (64, 1000, 128)),  # Lq=32, Ld=300
@@ -513,11 +703,21 @@ PRESETS: dict[str, dict[str, Preset]] = {
         family_shapes={"maxsim_scoring": ((64, 1000, 128),)},
     )},
     # Symile "n_squared" (M = 3), CPU fp32: training at N=512, D=256.
+    # The compiled CPU MaxSim op: one query of 32 tokens against 1000 documents, D=128, fixed 300 tokens and
+    # ragged 50-800 tokens; baselines the naive padded scorer and the maxsim-cpu package.
+    "maxsim-op-cpu": {"cpu": Preset(
+        ((1, 1000, 128),), "float32", runs=5, baselines=("naive", "maxsim_cpu"),
+        families=("maxsim_cpu_op", "maxsim_cpu_op_ragged"),
+    )},
     "symile-cpu": {"cpu": Preset(((512, 512, 256),), "float32", families=("symile",))},
     # Forward only at N=1024, D=256: xloss within a few hundred MiB, the naive [N, N^2] logits need ~13 GiB.
     "symile-forward-cpu": {"cpu": Preset(((1024, 1024, 256),), "float32", runs=1, families=("symile_forward",))},
     # GRAM, k = 4 modalities, CPU fp32: N=4096, D=512 (the naive [N, N, 4, 4] Gram tensor alone is 1 GiB).
     "gram-cpu": {"cpu": Preset(((4096, 4096, 512),), "float32", families=("gram",))},
+    # HBI's Banzhaf interaction, CPU fp32: B=32 pairs, T=32 words, V=12 frames, 10 samples (shape = (B, T, V)).
+    "banzhaf-cpu": {"cpu": Preset(((32, 32, 12),), "float32", runs=1, families=("banzhaf",))},
+    # Sigmoid loss (SigLIP), CPU fp32: the acceptance shape N = M = 16384, D = 512.
+    "sigmoid-cpu": {"cpu": Preset(((16384, 16384, 512),), "float32", families=("sigmoid",))},
     "gpu": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", baselines=("naive", "inf_cl"), families=("info_nce",))},
     "quick": {
         "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),

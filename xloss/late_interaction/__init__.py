@@ -80,19 +80,28 @@ class MaxSimFunction(torch.autograd.Function):
     def backward(ctx, g_q2d, g_d2q):
         q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q, val_d2q = ctx.saved_tensors
         zero_mode, q2d, d2q, pairs, route = ctx.options
-        need_q, need_d, need_qw, need_dw = ctx.needs_input_grad[:4]
-        run = _bwd.pairs_backward if pairs else _bwd.maxsim_backward
-        kwargs = {} if pairs or route is None else {"route": route}  # the engine's routing primitive
-        dq, dd, dq_w, dd_w = run(
-            q, d, q_w, d_w, q_valid, d_valid, zero_mode,
-            (idx_q2d, val_q2d) if q2d else None, (idx_d2q, val_d2q) if d2q else None,
-            g_q2d if q2d else None, g_d2q if d2q else None, need_q, need_d, need_qw, need_dw, **kwargs,
-        )
-        grad_q = None if not need_q else (torch.zeros_like(q) if dq is None else dq.to(q.dtype))
-        grad_d = None if not need_d else (torch.zeros_like(d) if dd is None else dd.to(d.dtype))
-        grad_qw = None if not need_qw else (torch.zeros_like(q_w) if dq_w is None else dq_w.to(q_w.dtype))
-        grad_dw = None if not need_dw else (torch.zeros_like(d_w) if dd_w is None else dd_w.to(d_w.dtype))
-        return grad_q, grad_d, grad_qw, grad_dw, None, None, None, None, None, None, None, None, None
+        grads = _maxsim_backward(q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q, val_d2q, g_q2d,
+                                 g_d2q, zero_mode, q2d, d2q, pairs, route, ctx.needs_input_grad[:4])
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+def _maxsim_backward(q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q, val_d2q, g_q2d, g_d2q,
+                     zero_mode, q2d, d2q, pairs, route, needs):
+    """The backward of :class:`MaxSimFunction` (also run by the ``xloss::maxsim_backward`` custom op):
+    ``(grad_q, grad_d, grad_q_w, grad_d_w)``, None where ``needs`` (four bools) is False."""
+    need_q, need_d, need_qw, need_dw = needs
+    run = _bwd.pairs_backward if pairs else _bwd.maxsim_backward
+    kwargs = {} if pairs or route is None else {"route": route}  # the engine's routing primitive
+    dq, dd, dq_w, dd_w = run(
+        q, d, q_w, d_w, q_valid, d_valid, zero_mode,
+        (idx_q2d, val_q2d) if q2d else None, (idx_d2q, val_d2q) if d2q else None,
+        g_q2d if q2d else None, g_d2q if d2q else None, need_q, need_d, need_qw, need_dw, **kwargs,
+    )
+    grad_q = None if not need_q else (torch.zeros_like(q) if dq is None else dq.to(q.dtype))
+    grad_d = None if not need_d else (torch.zeros_like(d) if dd is None else dd.to(d.dtype))
+    grad_qw = None if not need_qw else (torch.zeros_like(q_w) if dq_w is None else dq_w.to(q_w.dtype))
+    grad_dw = None if not need_dw else (torch.zeros_like(d_w) if dd_w is None else dd_w.to(d_w.dtype))
+    return grad_q, grad_d, grad_qw, grad_dw
 
 
 def _check_inputs(q, d, q_mask, d_mask, reduction, mask_mode, q_weights, d_weights, direction,
@@ -132,6 +141,10 @@ def _directional(q, d, q_mask, d_mask, reduction, mask_mode, q_weights, d_weight
     fwd = _cpu.maxsim_pairs_fwd if pairs else engine.maxsim_fwd
     route = None if pairs else getattr(engine, "route", None)  # an engine's own backward routing (Triton)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, d, q_w, d_w))
+    if torch.compiler.is_compiling():  # opaque custom ops instead of the engines' Python tile loops
+        s_q2d, s_d2q = _ops.maxsim(q, d, q_w, d_w, q_valid, d_valid, mask_mode == "zero", q2d, d2q,
+                                   "cpu" if engine is _cpu else "triton", pairs, need_grad)
+        return (s_q2d if q2d else None), (s_d2q if d2q else None)
     s_q2d, s_d2q = MaxSimFunction.apply(
         q, d, q_w, d_w, q_valid, d_valid, mask_mode == "zero", q2d, d2q, fwd, pairs, need_grad, route
     )
@@ -290,5 +303,7 @@ def late_interaction_loss(
                                 None if labels is None else labels.long(), direction, float(label_smoothing))
     return reduce_terms(terms, reduction)
 
+
+from . import ops as _ops  # last: it registers the custom ops, which run the functions above
 
 __all__ = ["MaxSimFunction", "late_interaction_loss", "maxsim", "maxsim_pairs"]

@@ -16,6 +16,12 @@ the L2/L3 cache is faster than a big one).  Half-precision inputs are computed i
 Nothing here is CPU-specific: this is also the fallback on CUDA tensors when Triton is missing.
 
 ``maxsim_pairs_fwd`` is the aligned-pair version (query a against document a), chunked ``bmm``s.
+
+Compiled op: on CPU tensors, when only the query→document direction is asked (ColBERT scoring, every
+reduction, weights and mask mode, fp32/bf16/fp16/fp64), both forwards run ``torch.ops.xloss.maxsim_q2d``
+(``xloss/csrc/cpu/maxsim.cpp``: a register-blocked micro-kernel that never writes a similarity tile and
+touches only the valid prefix of each ragged document) instead of the tile loop, with the same outputs, so the
+backward is unchanged.  ``d2q``/``both``, CUDA tensors, ``XLOSS_NO_EXT=1`` or a failed build keep the loop.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import math
 
 import torch
 
-from .. import _tiling
+from .. import _ext, _tiling
 from .._tiling import accumulation_dtype, upcast
 
 DEFAULT_TILE_BYTES = 8 * 2**20
@@ -93,6 +99,38 @@ def _prepare(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: 
     return qf, df, (q_w.to(acc) if q2d else None), (d_w.to(acc) if d2q else None), bias_v, bias_t
 
 
+_OP = "maxsim_q2d"
+_FAKE_REGISTERED = []
+
+
+def _use_op(q: torch.Tensor, q2d: bool, d2q: bool) -> bool:
+    """True when the compiled ``xloss::maxsim_q2d`` covers this call: CPU tensors, query→document only, and
+    the op is built (``xloss._ext``; the first call may compile it).  Registers its fake kernel once."""
+    if q.device.type != "cpu" or not q2d or d2q or not _ext.has_op(_OP):
+        return False
+    if not _FAKE_REGISTERED:
+        torch.library.register_fake(f"xloss::{_OP}")(_maxsim_q2d_fake)  # the op exists only after the load
+        _FAKE_REGISTERED.append(True)
+    return True
+
+
+def _maxsim_q2d_fake(q, d, q_w, q_valid, d_valid, zero_mode, pairs, need_aux):
+    """Shapes and dtypes of ``xloss::maxsim_q2d``: scores ``[Nq, Nd]`` (``[N]`` for pairs), indices and
+    maxima ``[Nq, Nd, Lq]`` (``[N, Lq]``), or empty tensors without ``need_aux``."""
+    acc = accumulation_dtype(q.dtype)
+    lead = (q.shape[0],) if pairs else (q.shape[0], d.shape[0])
+    aux = (*lead, q.shape[1]) if need_aux else (0,)
+    return (q.new_empty(lead, dtype=acc), q.new_empty(aux, dtype=index_dtype(d.shape[1])),
+            q.new_empty(aux, dtype=acc))
+
+
+def _op_fwd(q, d, q_w, q_valid, d_valid, zero_mode: bool, pairs: bool, need_aux: bool):
+    """The engine result ``(s, idx, val, None, None, None)`` from the compiled op."""
+    q_w = q_w.to(accumulation_dtype(q.dtype))
+    s, idx, val = torch.ops.xloss.maxsim_q2d(q, d, q_w, q_valid, d_valid, zero_mode, pairs, need_aux)
+    return s, (idx if need_aux else None), (val if need_aux else None), None, None, None
+
+
 def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *, need_aux: bool = True):
     """Late-interaction scores of every query against every document, tile by tile.
 
@@ -116,6 +154,8 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
         In exclude mode with both directions, entries of a direction at its own invalid tokens (zero weight)
         are 0 / -1.
     """
+    if _use_op(q, q2d, d2q):
+        return _op_fwd(q, d, q_w, q_valid, d_valid, zero_mode, False, need_aux)
     acc = accumulation_dtype(q.dtype)
     dev = q.device
     nq, lq, dim = q.shape
@@ -175,6 +215,8 @@ def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: boo
     Arguments as :func:`maxsim_fwd`.  Returns ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)`` with
     ``s [N]``, ``idx_q2d``/``val_q2d [N, Lq]`` and ``idx_d2q``/``val_d2q [N, Ld]``; None where not asked.
     """
+    if _use_op(q, q2d, d2q):
+        return _op_fwd(q, d, q_w, q_valid, d_valid, zero_mode, True, need_aux)
     acc = accumulation_dtype(q.dtype)
     dev = q.device
     n, lq, _ = q.shape

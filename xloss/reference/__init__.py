@@ -4,10 +4,23 @@ Tests, benchmarks and docs share these.  They build the full matrices on purpose
 path is judged against, and what "naive PyTorch" means in ``python -m xloss.bench``.
 """
 
+from . import symile  # the module too: symile.draw_permutations is part of the spec's sampling
+from .banzhaf import banzhaf_interaction
 from .gram import gram_loss, gram_volume
 from .info_nce import info_nce
 from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
-from . import symile
+from .sigmoid import sigmoid_loss
 from .symile import symile_loss
 
-__all__ = ["gram_loss", "gram_volume", "info_nce", "late_interaction_loss", "maxsim", "maxsim_pairs", "symile_loss"]
+__all__ = [
+    "banzhaf_interaction",
+    "gram_loss",
+    "gram_volume",
+    "info_nce",
+    "late_interaction_loss",
+    "maxsim",
+    "maxsim_pairs",
+    "sigmoid_loss",
+    "symile",
+    "symile_loss",
+]
