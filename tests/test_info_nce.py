@@ -279,9 +279,9 @@ GRID = [
 def test_cpu_matches_reference_fp64(shape, symmetric, eps, reduction, scale_kind):
     n, m, kind = SHAPES[shape]
     q, k, labels = make_inputs(n, m, 5 if n == 129 else D, kind, seed=n + m, dtype=torch.float64)
-    opts = dict(
-        labels=labels, symmetric=symmetric, label_smoothing=eps, reduction=reduction, scale_kind=scale_kind
-    )
+    opts = {
+        "labels": labels, "symmetric": symmetric, "label_smoothing": eps, "reduction": reduction, "scale_kind": scale_kind
+    }
     got = run(cpu_loss, q, k, **opts)
     exp = run(ref_loss, q, k, **opts)
     assert len(got) == len(exp) == (2 if scale_kind == "float" else 3) + 1
@@ -314,7 +314,7 @@ def test_cpu_fp32_no_worse_than_naive(shape, symmetric, eps, reduction, scale_ki
 )
 def test_cpu_n1000(symmetric, eps, reduction, kind):
     n = m = 1000
-    opts = dict(symmetric=symmetric, label_smoothing=eps, reduction=reduction)
+    opts = {"symmetric": symmetric, "label_smoothing": eps, "reduction": reduction}
     q, k, labels = make_inputs(n, m, 8, kind, seed=1000, dtype=torch.float64)
     got = run(cpu_loss, q, k, labels=labels, **opts)
     exp = run(ref_loss, q, k, labels=labels, **opts)
@@ -514,7 +514,7 @@ def test_non_contiguous_inputs(dtype):
     k_store.requires_grad_(True)
     q_view, k_view = q_store.T, k_store[::2]  # [N, D] transposed, [M, D] with row stride 2·D
     assert not q_view.is_contiguous() and not k_view.is_contiguous()
-    opts = dict(logit_scale=SCALE, labels=labels, label_smoothing=0.1, reduction="none")
+    opts = {"logit_scale": SCALE, "labels": labels, "label_smoothing": 0.1, "reduction": "none"}
     out = xloss.info_nce(q_view, k_view, backend="cpu", **opts)
     go = grad_output(out)
     out.backward(go)
@@ -545,7 +545,7 @@ def test_same_tensor_as_query_and_key():
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_many_strips_equal_one_strip(monkeypatch, dtype, n, m, kind, symmetric):
     q, k, labels = make_inputs(n, m, 6, kind, seed=21 + n, dtype=dtype)
-    opts = dict(labels=labels, symmetric=symmetric, label_smoothing=0.1, reduction="none")
+    opts = {"labels": labels, "symmetric": symmetric, "label_smoothing": 0.1, "reduction": "none"}
     monkeypatch.delenv("XLOSS_CPU_TILE_MB", raising=False)
     assert _cpu._strip_rows(n, m, 8) == n  # default budget: a single strip
     one = run(cpu_loss, q, k, **opts)
@@ -637,7 +637,7 @@ EXTREME = [
 def test_extreme_fp64(case, symmetric, reduction):
     q, k, labels, scale = extreme_inputs(case)
     q, k = q.double(), k.double()
-    opts = dict(labels=labels, symmetric=symmetric, label_smoothing=0.1, reduction=reduction, scale=scale)
+    opts = {"labels": labels, "symmetric": symmetric, "label_smoothing": 0.1, "reduction": reduction, "scale": scale}
     got = run(cpu_loss, q, k, **opts)
     exp = run(ref_loss, q, k, **opts)
     for a, b in zip(got, exp):
@@ -689,7 +689,7 @@ def test_half_inputs(dtype, grad_rtol, case):
     if case == "norm30-scale1":
         q, k = 30 * q, 30 * k
     q, k = q.to(dtype), k.to(dtype)
-    opts = dict(labels=labels, label_smoothing=0.1, reduction="none", scale=scale)
+    opts = {"labels": labels, "label_smoothing": 0.1, "reduction": "none", "scale": scale}
     got = run(cpu_loss, q, k, **opts)
     exact = run(ref_loss, q.double(), k.double(), **opts)
     naive = run(ref_loss, q, k, **opts)
@@ -792,7 +792,7 @@ def test_fp32_peaked_loss_values_no_worse_than_naive(case, symmetric):
     scale = 100.0
     if case == "norm30":
         q, k, scale = 30 * q, 30 * k, 1.0
-    opts = dict(logit_scale=scale, symmetric=symmetric, reduction="none")
+    opts = {"logit_scale": scale, "symmetric": symmetric, "reduction": "none"}
     exact = xloss.reference.info_nce(q, k, **opts)
     fast = xloss.info_nce(q.float(), k.float(), backend="cpu", **opts).double()
     naive = xloss.reference.info_nce(q.float(), k.float(), **opts).double()

@@ -51,7 +51,7 @@ def main() -> int:
                 "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                 *gencode, *[f"-I{p}" for p in includes],
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             name = os.path.relpath(src, root)
             if proc.returncode != 0:
                 print(f"FAILED {name} (sm_{', sm_'.join(archs)})\n{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
