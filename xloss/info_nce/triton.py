@@ -60,12 +60,14 @@ no autotuning yet (``XLOSS_AUTOTUNE`` is not read).  Inputs need unit stride alo
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _triton_common as _common
+from .._triton_common import dot_tile
 
 # ----------------------------------------------------------------------------------------------- constants
 
@@ -91,27 +93,6 @@ assert FWD_CONFIG[2] == BWD_CONFIG[2]
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x·log2 e): exp2 is the native instruction
 
 # ------------------------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _qk_tile(
-    q_ptr, k_ptr,  # [N, D], [M, D], unit stride along D
-    offs_m, offs_n,  # [BLOCK_M], [BLOCK_N] int64 row / column indices
-    row_ok, col_ok,  # [BLOCK_M], [BLOCK_N] masks
-    D, stride_qn, stride_kn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """``<q_i, k_j>`` for one tile, looping over D in BLOCK_D chunks (tails masked to 0). -> [BLOCK_M, BLOCK_N] fp32"""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        q_c = tl.load(q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :],
-                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-        k_c = tl.load(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :],
-                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc += tl.dot(q_c, tl.trans(k_c), input_precision=INPUT_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -154,7 +135,7 @@ def _lse_kernel(
                             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
             dots = tl.dot(q_blk, tl.trans(k_blk), input_precision=INPUT_PRECISION)
         else:
-            dots = _qk_tile(q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_qn, stride_kn,
+            dots = dot_tile(q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_qn, stride_kn,
                             BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         z = dots * scale  # [BLOCK_M, BLOCK_N]; masked rows/cols read zeros, so every entry is finite
         # Row statistics: invalid columns are -inf.  Every tile has >= 1 valid column, so the new max is
@@ -228,7 +209,7 @@ def _grad_kernel(
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
             dots = tl.dot(q_blk, tl.trans(k_blk), input_precision=INPUT_PRECISION)
         else:
-            dots = _qk_tile(q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_qn, stride_kn,
+            dots = dot_tile(q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_qn, stride_kn,
                             BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         # Out-of-range entries read zeros (z = 0) and their max/shift read 0, so exp(z - max) would be
         # exp(0) (and overflow for a far-away max): make them -inf so that both exponentials give exactly 0
@@ -280,57 +261,13 @@ def _grad_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _prepare(q: torch.Tensor, k: torch.Tensor):
-    if q.dtype not in _SUPPORTED or k.dtype != q.dtype:
-        raise TypeError(
-            f"the triton backend of info_nce supports float32, float16 and bfloat16 inputs, got q {q.dtype} and "
-            f"k {k.dtype}; use backend='cpu' for float64"
-        )
-    # The kernels assume unit stride along D (vectorised loads); any row stride is passed to them.
-    return (q if q.stride(1) == 1 else q.contiguous()), (k if k.stride(1) == 1 else k.contiguous())
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # allowed TF32 for fp32; ignored by tl.dot for half inputs
-
-
-def _block_d(d: int, chunk: int) -> tuple[int, bool]:
-    """(BLOCK_D, SINGLE_D): one register-resident chunk when D is small, else fixed chunks."""
-    if d <= SINGLE_D_MAX:
-        return max(16, triton.next_power_of_2(d)), True
-    return chunk, False
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _split(row_blocks: int, col_blocks: int, block_n: int, device: torch.device, allow: bool = True):
-    """Split the columns into ranges (grid axis 1) until about TARGET_PROGRAMS programs run.
-
-    Returns ``(split, cols_per_split)``; every range is non-empty and a whole number of column blocks.
-    """
-    target = TARGET_PROGRAMS
-    if target is None:
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 1
-    split = max(1, min(col_blocks, triton.cdiv(target, row_blocks))) if allow else 1
-    per = triton.cdiv(col_blocks, split)  # column blocks per range
-    return triton.cdiv(col_blocks, per), per * block_n
+    target = TARGET_PROGRAMS if TARGET_PROGRAMS is not None else _common.device_programs(device, 2)
+    return _common.column_split(row_blocks, col_blocks, block_n, target, allow)
 
 
 def _scale_arg(scale: torch.Tensor, device: torch.device) -> torch.Tensor:
     return scale.detach().to(device=device, dtype=torch.float32).reshape(())
-
-
-def _deterministic() -> bool:
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("XLOSS_DETERMINISTIC", "0") not in ("", "0")
 
 
 def _merge(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
@@ -365,11 +302,11 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
         chunks, same ``· scale``) that the row max was taken over, so ``row[0] - z_pos`` is exactly 0 where
         the positive is the max.  A label outside ``[0, M)`` (not checked here) leaves NaN.
     """
-    q, k = _prepare(q, k)
+    q, k = _common.unit_stride_rows("info_nce", q, k)
     n, d = q.shape
     m = k.shape[0]
     block_m, block_n, chunk, num_warps, num_stages = FWD_CONFIG
-    block_d, single_d = _block_d(d, chunk)
+    block_d, single_d = _common.block_d(d, chunk, SINGLE_D_MAX)
     row_blocks, col_blocks = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
     split, cols_per_split = _split(row_blocks, col_blocks, block_n, q.device)
     part_r = torch.empty(2, split, n, dtype=torch.float32, device=q.device)  # [max, Σ exp(z - max)]
@@ -380,7 +317,7 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
         q, k, _scale_arg(scale, q.device), part_r[0], part_r[1], part_c[0], part_c[1], labels, z_pos,
         n, m, d, q.stride(0), k.stride(0), cols_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d, NEED_COLS=need_cols,
-        INPUT_PRECISION=_input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        INPUT_PRECISION=_common.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     row = _merge(part_r[0], part_r[1])
     col = _merge(part_c[0], part_c[1]) if need_cols else None
@@ -405,7 +342,7 @@ def _launch_grad(rows, cols, scale, st_rows, st_cols, d_rows, d_cols, atomic: bo
     n, d = rows.shape
     m = cols.shape[0]
     block_m, block_n, chunk, num_warps, num_stages = BWD_CONFIG
-    block_d, single_d = _block_d(d, chunk)
+    block_d, single_d = _common.block_d(d, chunk, SINGLE_D_MAX)
     row_blocks, col_blocks = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
     split, cols_per_split = _split(row_blocks, col_blocks, block_n, rows.device, allow=atomic)
     row_term, col_term = st_rows is not None, st_cols is not None
@@ -417,7 +354,7 @@ def _launch_grad(rows, cols, scale, st_rows, st_cols, d_rows, d_cols, atomic: bo
         n, m, d, rows.stride(0), cols.stride(0), cols_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d,
         ROW_TERM=row_term, COL_TERM=col_term, COMPUTE_DK=atomic, DQ_ATOMIC=split > 1,
-        INPUT_PRECISION=_input_precision(rows.dtype), num_warps=num_warps, num_stages=num_stages,
+        INPUT_PRECISION=_common.input_precision(rows.dtype), num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -433,7 +370,7 @@ def grad(q, k, scale, row, col, a, w, logits=None):
         ``dq_u = P k`` ``[N, D]`` and ``dk_u = Pᵀ q`` ``[M, D]``, float32, for
         ``P_ij = a_i exp((z_ij - row[0,i]) - row[1,i]) + w_j exp((z_ij - col[0,j]) - col[1,j])``.
     """
-    q, k = _prepare(q, k)
+    q, k = _common.unit_stride_rows("info_nce", q, k)
     dev = q.device
     cols = col is not None
     f32 = {"dtype": torch.float32, "device": dev}
@@ -453,7 +390,7 @@ def grad(q, k, scale, row, col, a, w, logits=None):
     m = k.shape[0]
     dq = torch.zeros(n, d, **f32)
     dk = torch.zeros(m, d, **f32)
-    if _deterministic():
+    if _common.deterministic():
         _launch_grad(q, k, s, st_r, st_c, dq, None, atomic=False)
         _launch_grad(k, q, s, st_c, st_r, dk, None, atomic=False)  # Pᵀ: roles swapped
     else:

@@ -57,12 +57,13 @@ calls ``.contiguous()`` otherwise); any entity and token strides are passed thro
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _triton_common as _common
 
 # ----------------------------------------------------------------------------------------------- constants
 
@@ -215,7 +216,7 @@ def _maxsim_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_SUPPORTED = _common.SUPPORTED_DTYPES
 _INT16_TOKENS = 32767  # token counts up to this get int16 arg-max indices, int32 beyond (as cpu.py)
 
 
@@ -223,23 +224,10 @@ def _index_dtype(length: int) -> torch.dtype:
     return torch.int16 if length <= _INT16_TOKENS else torch.int32
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # allowed TF32 for fp32; ignored by tl.dot for half inputs
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     if TARGET_PROGRAMS is not None:
         return TARGET_PROGRAMS
-    if device.type != "cuda":
-        return 1
-    return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _common.device_programs(device, 8)
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
@@ -288,7 +276,7 @@ def _launch(x, y, wx, xv, yv, wy, zero_mode: bool, row: bool, col: bool, out_r, 
         val_c.stride(0) if col and aux else 0, val_c.stride(1) if col and aux else 0,
         per,
         BLOCK_A=block_a, T_PAD=t_pad, BLOCK_V=block_v, BLOCK_D=block_d, SINGLE_D=single_d, HOIST_X=hoist_x,
-        ZERO_MODE=zero_mode, ROW=row, COL=col, AUX=aux, INPUT_PRECISION=_input_precision(x.dtype),
+        ZERO_MODE=zero_mode, ROW=row, COL=col, AUX=aux, INPUT_PRECISION=_common.input_precision(x.dtype),
         num_warps=num_warps if block_m * block_v > 2048 else 4, num_stages=NUM_STAGES,
     )
 
@@ -514,8 +502,7 @@ def _route_dy_det_kernel(
 def deterministic() -> bool:
     """The scatter of ``route`` runs without atomics: ``torch.are_deterministic_algorithms_enabled()`` or the
     environment variable ``XLOSS_DETERMINISTIC=1``."""
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("XLOSS_DETERMINISTIC", "0") not in (
-        "", "0")
+    return _common.deterministic()
 
 
 def route(x, y, idx, g, w, y_valid, check_winner: bool):

@@ -41,12 +41,14 @@ passed through.  Offsets are 64-bit.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _triton_common as _common
+from .._triton_common import dot_tile
 
 # ----------------------------------------------------------------------------------------------- constants
 
@@ -68,24 +70,6 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 # ------------------------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _dots(
-    r_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_r, stride_c,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """``<r_i, c_j>`` for one tile, looping over D in BLOCK_D chunks (tails masked to 0). -> [BLOCK_M, BLOCK_N] fp32"""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        r_c = tl.load(r_ptr + offs_m[:, None] * stride_r + offs_d[None, :],
-                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-        c_c = tl.load(c_ptr + offs_n[:, None] * stride_c + offs_d[None, :],
-                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc += tl.dot(r_c, tl.trans(c_c), input_precision=INPUT_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -138,7 +122,7 @@ def _sigmoid_kernel(
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
             dots = tl.dot(r_blk, tl.trans(c_blk), input_precision=INPUT_PRECISION)
         else:
-            dots = _dots(r_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_r, stride_c,
+            dots = dot_tile(r_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_r, stride_c,
                          BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         z = dots * scale + bias  # [BLOCK_M, BLOCK_N]
         valid = row_ok[:, None] & col_ok[None, :]
@@ -208,58 +192,14 @@ def _sigmoid_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The kernels accumulate in fp32 for every supported input dtype."""
     return torch.float32
 
 
-def _prepare(q: torch.Tensor, k: torch.Tensor):
-    if q.dtype not in _SUPPORTED or k.dtype != q.dtype:
-        raise TypeError(
-            f"the triton backend of sigmoid_loss supports float32, float16 and bfloat16 inputs, got q {q.dtype} "
-            f"and k {k.dtype}; use backend='cpu' for float64"
-        )
-    # The kernel assumes unit stride along D (vectorised loads); any row stride is passed to it.
-    return (q if q.stride(1) == 1 else q.contiguous()), (k if k.stride(1) == 1 else k.contiguous())
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # allowed TF32 for fp32; ignored by tl.dot for half inputs
-
-
-def _block_d(d: int, chunk: int) -> tuple[int, bool]:
-    """(BLOCK_D, SINGLE_D): one register-resident chunk when D is small, else fixed chunks."""
-    if d <= SINGLE_D_MAX:
-        return max(16, triton.next_power_of_2(d)), True
-    return chunk, False
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _split(row_blocks: int, col_blocks: int, block_n: int, device: torch.device, allow: bool):
-    """Split the columns into ranges (grid axis 1) until about TARGET_PROGRAMS programs run.
-
-    Returns ``(split, cols_per_split)``; every range is non-empty and a whole number of column blocks.
-    """
-    target = TARGET_PROGRAMS
-    if target is None:
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 1
-    split = max(1, min(col_blocks, triton.cdiv(target, row_blocks))) if allow else 1
-    per = triton.cdiv(col_blocks, split)  # column blocks per range
-    return triton.cdiv(col_blocks, per), per * block_n
-
-
-def _deterministic() -> bool:
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("XLOSS_DETERMINISTIC", "0") not in ("", "0")
+    target = TARGET_PROGRAMS if TARGET_PROGRAMS is not None else _common.device_programs(device, 2)
+    return _common.column_split(row_blocks, col_blocks, block_n, target, allow)
 
 
 def _launch(rows, cols, s, b, labels, weight, d_rows, d_cols, *, transposed, stats, need_grad, atomic):
@@ -268,7 +208,7 @@ def _launch(rows, cols, s, b, labels, weight, d_rows, d_cols, *, transposed, sta
     r, d = rows.shape
     c = cols.shape[0]
     block_m, block_n, chunk, num_warps, num_stages = CONFIG
-    block_d, single_d = _block_d(d, chunk)
+    block_d, single_d = _common.block_d(d, chunk, SINGLE_D_MAX)
     row_blocks, col_blocks = triton.cdiv(r, block_m), triton.cdiv(c, block_n)
     split, cols_per_split = _split(row_blocks, col_blocks, block_n, rows.device, allow=atomic or not need_grad)
     part = torch.empty(2, split, r, dtype=torch.float32, device=rows.device) if stats else None
@@ -281,7 +221,7 @@ def _launch(rows, cols, s, b, labels, weight, d_rows, d_cols, *, transposed, sta
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d, TRANSPOSED=transposed,
         HAS_WEIGHT=weight is not None, WRITE_STATS=stats, NEED_GRAD=need_grad,
         COMPUTE_DCOLS=need_grad and atomic, DROWS_ATOMIC=need_grad and split > 1,
-        INPUT_PRECISION=_input_precision(rows.dtype), num_warps=num_warps, num_stages=num_stages,
+        INPUT_PRECISION=_common.input_precision(rows.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return part
 
@@ -312,7 +252,7 @@ def forward_backward(
         ``(loss, dq, dk, ds, db)``, float32: the block's ``Σ -log σ(y z)`` (0-dim, or ``[n]``) and its gradients
         with respect to q ``[n, D]``, k ``[m, D]``, s and b (0-dim), or None for them without ``need_grad``.
     """
-    q, k = _prepare(q, k)
+    q, k = _common.unit_stride_rows("sigmoid_loss", q, k)
     dev = q.device
     f32 = {"dtype": torch.float32, "device": dev}
     s = scale.detach().to(**f32).reshape(())
@@ -330,7 +270,7 @@ def forward_backward(
         weight = weight / norm
     dq = torch.zeros(n, d, **f32) if need_grad else None
     dk = torch.zeros(m, d, **f32) if need_grad else None
-    deterministic = _deterministic()
+    deterministic = _common.deterministic()
     part = _launch(q, k, s, b, labels, weight, dq, dk, transposed=False, stats=True, need_grad=need_grad,
                    atomic=not deterministic)
     if need_grad and deterministic:
