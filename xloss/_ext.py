@@ -10,6 +10,10 @@ them later): ``ops.cpp`` declares every schema once with ``TORCH_LIBRARY(xloss, 
    found);
 3. otherwise warning once and returning False: callers then use their Python paths.
 
+CUDA sources include ``c10/cuda/CUDAStream.h`` / ``CUDAGuard.h`` rather than ``ATen/cuda/CUDAContext.h``: the
+latter pulls in cuBLAS and cuSPARSE headers, which the CUDA toolkit of the CI machines (where
+``tools/check_cuda_compiles.py`` compiles every ``.cu`` file) does not have.
+
 Environment: ``XLOSS_NO_EXT=1`` disables the compiled ops (the Python paths run, no warning);
 ``XLOSS_EXT_SANITIZE=address`` builds a separate AddressSanitizer copy (run Python with libasan preloaded, see
 ``tools/asan_check.sh``); ``XLOSS_EXT_VERBOSE=1`` shows the compiler output.
