@@ -242,8 +242,6 @@ def test_need_aux_false_and_index_dtype():
 
 # ------------------------------------------------------------------------------------- public functions
 
-_HAS_PUBLIC = importlib.util.find_spec("xloss.late_interaction.cpu") is not None
-public = pytest.mark.skipif(not _HAS_PUBLIC, reason="xloss.late_interaction's public functions are not there")
 
 
 def _public_inputs(seed, nq=3, nd=4, lq=5, ld=17, dim=9):
@@ -279,7 +277,6 @@ def _grads(fn, tensors):
     return out.detach(), [t.grad for t in leaves]
 
 
-@public
 @pytest.mark.parametrize("direction", ["q2d", "d2q", "both"])
 @pytest.mark.parametrize("mask_mode", ["exclude", "zero"])
 def test_maxsim_public_vs_reference(direction, mask_mode, engine_calls):
@@ -307,7 +304,6 @@ def test_maxsim_public_vs_reference(direction, mask_mode, engine_calls):
             torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
 
 
-@public
 @pytest.mark.parametrize("direction", ["q2d", "both"])
 def test_late_interaction_loss_public_vs_reference(direction, engine_calls):
     """``late_interaction_loss(backend="triton")`` against the reference: loss and gradients (q, d, scale)."""
@@ -330,7 +326,6 @@ def test_late_interaction_loss_public_vs_reference(direction, engine_calls):
         torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
 
 
-@public
 def test_maxsim_public_no_grad(engine_calls):
     """Forward under no_grad: the public path asks the engine for scores only (need_aux=False)."""
     import xloss
@@ -491,7 +486,6 @@ def route_calls(monkeypatch):
     return calls
 
 
-@public
 @pytest.mark.parametrize("direction", ["q2d", "d2q", "both"])
 @pytest.mark.parametrize("mask_mode", ["exclude", "zero"])
 def test_maxsim_public_backward_uses_triton_route(direction, mask_mode, route_calls, scatter_mode):
@@ -518,7 +512,6 @@ def test_maxsim_public_backward_uses_triton_route(direction, mask_mode, route_ca
             torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
 
 
-@public
 def test_late_interaction_loss_both_uses_triton_route(route_calls, scatter_mode):
     import xloss
 
@@ -539,7 +532,6 @@ def test_late_interaction_loss_both_uses_triton_route(route_calls, scatter_mode)
         torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
 
 
-@public
 def test_maxsim_public_fp16_backward_uses_triton_route(route_calls):
     """fp16 inputs reach the Triton route in fp16 (no upcast copy); gradients as the cpu backend's."""
     import xloss

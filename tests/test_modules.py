@@ -14,8 +14,6 @@ import torch
 import xloss
 from xloss import nn as xnn
 
-HAS_SIGMOID = importlib.util.find_spec("xloss.sigmoid") is not None
-
 
 def load_open_clip_loss():
     spec = importlib.util.find_spec("open_clip")
@@ -93,10 +91,8 @@ def test_clip_loss_float32_and_positional_signature():
 
 
 # ----------------------------------------------------------------------------------- SigLipLoss parity
-needs_sigmoid = pytest.mark.skipif(not HAS_SIGMOID, reason="xloss.sigmoid is not part of this tree yet")
 
 
-@needs_sigmoid
 @pytest.mark.parametrize("n,d", [(1, 4), (7, 16), (33, 8)])
 def test_siglip_loss_matches_open_clip(n, d):
     oc = load_open_clip_loss()
@@ -109,7 +105,6 @@ def test_siglip_loss_matches_open_clip(n, d):
         _close(a, r)
 
 
-@needs_sigmoid
 def test_siglip_loss_output_dict_and_float_scale():
     oc = load_open_clip_loss()
     x, y = _features(9, 6, seed=2)
@@ -292,11 +287,10 @@ def _dist_worker(rank, world, path, out):
                 opts = {"local_loss": local_loss, "gather_with_grad": gwg, "rank": rank, "world_size": world}
                 results[f"clip local_loss={local_loss} gather_with_grad={gwg}"] = _run_both(
                     oc.ClipLoss(**opts), xnn.ClipLoss(**opts), x, y, [math.log(12.0)], 0.9)
-        if HAS_SIGMOID:
-            for impl in ("bidir", "gather"):
-                opts = {"rank": rank, "world_size": world, "dist_impl": impl}
-                results[f"siglip dist_impl={impl}"] = _run_both(
-                    oc.SigLipLoss(**opts), xnn.SigLipLoss(**opts), x, y, [math.log(10.0), -5.0], 1.1)
+        for impl in ("bidir", "gather"):
+            opts = {"rank": rank, "world_size": world, "dist_impl": impl}
+            results[f"siglip dist_impl={impl}"] = _run_both(
+                oc.SigLipLoss(**opts), xnn.SigLipLoss(**opts), x, y, [math.log(10.0), -5.0], 1.1)
     except Exception:  # noqa: BLE001 (reported by the test)
         import traceback
 
@@ -307,8 +301,6 @@ def _dist_worker(rank, world, path, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("xloss.distributed") is None,
-                    reason="xloss.distributed is not part of this tree yet")
 def test_two_ranks_match_open_clip(tmp_path):
     """Every rank's value and every gradient (features, logit_scale, logit_bias) equal open_clip's on that
     rank, for all four ClipLoss option combinations and for SigLipLoss (ring and all-gather exchange)."""
@@ -325,7 +317,7 @@ def test_two_ranks_match_open_clip(tmp_path):
         with open(tmp_path / f"rank{rank}.json") as f:
             ranks.append(json.load(f))
         assert "error" not in ranks[rank], f"rank {rank}:\n{ranks[rank]['error']}"
-        assert len(ranks[rank]) == (6 if HAS_SIGMOID else 4)
+        assert len(ranks[rank]) == 6
     names = ["value", "image grad", "text grad", "logit_scale grad", "logit_bias grad"]
 
     def close(a, b, what):
