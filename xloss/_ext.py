@@ -127,6 +127,22 @@ def error() -> str | None:
     return _STATE["error"]
 
 
-def has_op(name: str) -> bool:
-    """True when ``torch.ops.xloss.<name>`` exists (after a successful ``load()``)."""
-    return load() and hasattr(torch.ops.xloss, name)
+_FAKES_REGISTERED: set[str] = set()
+
+
+def has_op(name: str, fake=None) -> bool:
+    """True when ``torch.ops.xloss.<name>`` exists (after a successful ``load()``).
+
+    ``fake``: the op's fake (meta) kernel, registered once, here, because ``torch.library.register_fake`` needs
+    the schema and so cannot run before the library is loaded (not at import time).
+    """
+    if not (load() and hasattr(torch.ops.xloss, name)):
+        return False
+    if fake is not None and name not in _FAKES_REGISTERED:
+        try:
+            torch.library.register_fake(f"xloss::{name}")(fake)
+        except RuntimeError as exc:  # registered already by an earlier import of the caller (a reload)
+            if "already" not in str(exc):
+                raise
+        _FAKES_REGISTERED.add(name)
+    return True

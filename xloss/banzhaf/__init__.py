@@ -31,7 +31,6 @@ MODES = ("hbi", "textbook")
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 OP = "banzhaf_interaction"
 DEFAULT_SAMPLES = 100  # HBI's
-_FAKE = {"registered": False}
 
 
 def _fake(sim, text_weight, video_weight, text_mask, video_mask, num_samples, seed, coalitions, mode):
@@ -41,16 +40,7 @@ def _fake(sim, text_weight, video_weight, text_mask, video_mask, num_samples, se
 def op_available() -> bool:
     """True when ``torch.ops.xloss.banzhaf_interaction`` is loaded (building the extension on first call); its
     fake kernel is registered then (registering needs the schema, so it cannot happen at import)."""
-    if not _ext.has_op(OP):
-        return False
-    if not _FAKE["registered"]:
-        try:
-            torch.library.register_fake(f"xloss::{OP}")(_fake)
-        except RuntimeError as exc:  # already registered by an earlier import of this module (reload)
-            if "already" not in str(exc):
-                raise
-        _FAKE["registered"] = True
-    return True
+    return _ext.has_op(OP, fake=_fake)
 
 
 def cuda_op_available() -> bool:

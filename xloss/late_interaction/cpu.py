@@ -100,18 +100,12 @@ def _prepare(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: 
 
 
 _OP = "maxsim_q2d"
-_FAKE_REGISTERED = []
 
 
 def _use_op(q: torch.Tensor, q2d: bool, d2q: bool) -> bool:
     """True when the compiled ``xloss::maxsim_q2d`` covers this call: CPU tensors, query→document only, and
-    the op is built (``xloss._ext``; the first call may compile it).  Registers its fake kernel once."""
-    if q.device.type != "cpu" or not q2d or d2q or not _ext.has_op(_OP):
-        return False
-    if not _FAKE_REGISTERED:
-        torch.library.register_fake(f"xloss::{_OP}")(_maxsim_q2d_fake)  # the op exists only after the load
-        _FAKE_REGISTERED.append(True)
-    return True
+    the op is built (``xloss._ext``; the first call may compile it, and registers its fake kernel)."""
+    return q.device.type == "cpu" and q2d and not d2q and _ext.has_op(_OP, fake=_maxsim_q2d_fake)
 
 
 def _maxsim_q2d_fake(q, d, q_w, q_valid, d_valid, zero_mode, pairs, need_aux):
