@@ -19,7 +19,7 @@ def _ext_modules():
     from torch.utils import cpp_extension
 
     root = os.path.dirname(os.path.abspath(__file__))
-    rel = lambda p: os.path.relpath(p, root)  # noqa: E731 (setuptools wants paths relative to setup.py)
+    rel = lambda p: os.path.relpath(p, root)
     sources = [rel(os.path.join(root, "xloss", "csrc", "ops.cpp"))]
     sources += sorted(rel(p) for p in glob.glob(os.path.join(root, "xloss", "csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(rel(p) for p in glob.glob(os.path.join(root, "xloss", "csrc", "cuda", "*.cu")))

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing xloss
 
-from xloss import bench  # noqa: E402
+from xloss import bench
 
 if __name__ == "__main__":
     # The default --out comes first so that one given on the command line wins.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import xloss
-from xloss import _backend
+from xloss import _dispatch
 
 N, M, D = 4, 6, 3
 CPU_BACKENDS = ["auto", "cpu", "reference"]
@@ -220,7 +220,7 @@ def test_unknown_backend_in_env(monkeypatch):
 def test_triton_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("XLOSS_BACKEND", raising=False)
-    if _backend.triton_available():
+    if _dispatch.triton_available():
         match = r"backend='triton' needs CUDA tensors \(got cpu\).*TRITON_INTERPRET=1"
     else:
         match = r"backend='triton'.*Triton is not installed"
@@ -233,7 +233,7 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 
 def test_triton_interpret_zero_is_off(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    if not _backend.triton_available():
+    if not _dispatch.triton_available():
         pytest.skip("Triton is not installed")
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1"):
         xloss.info_nce(q_(), k_(), backend="triton")

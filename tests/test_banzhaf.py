@@ -23,7 +23,7 @@ import torch
 
 import xloss
 from xloss import banzhaf as bz
-from xloss.banzhaf import cpu as bz_cpu
+from xloss.banzhaf import chunked as bz_cpu
 from xloss.reference import banzhaf as ref
 
 MODES = ("hbi", "textbook")
@@ -114,11 +114,10 @@ def test_seeded_paths_draw_the_same_coalitions(op, mode):
     torch.testing.assert_close(got_op, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_torch, expected, rtol=1e-12, atol=1e-12)
     # the public function with a generator: op and the PyTorch path agree
-    a = xloss.banzhaf_interaction(sim, p, q, tm, vm, num_samples=s, mode=mode, generator=torch.Generator().manual_seed(4))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bz, "op_available", lambda: False)
-        c = xloss.banzhaf_interaction(sim, p, q, tm, vm, num_samples=s, mode=mode,
-                                      generator=torch.Generator().manual_seed(4))
+    a = xloss.banzhaf_interaction(sim, p, q, tm, vm, num_samples=s, mode=mode,
+                                  generator=torch.Generator().manual_seed(4))
+    c = xloss.banzhaf_interaction(sim, p, q, tm, vm, num_samples=s, mode=mode, backend="chunked",
+                                  generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
 
 
@@ -252,13 +251,39 @@ def test_backends():
     sim, p, q, tm, vm = make(2, 3, 4)
     c = random_coalitions(2, 3, 4, 2)
     expected = ref.banzhaf_interaction(sim, p, q, tm, vm, coalitions=c)
-    for backend in ("auto", "cpu", "reference"):
+    backends = ["auto", "chunked", "cpu", "reference"] + (["compiled", "cuda"] if bz.op_available() else [])
+    for backend in backends:  # "cpu" and "cuda" are the old names of "chunked" and "compiled"
         torch.testing.assert_close(xloss.banzhaf_interaction(sim, p, q, tm, vm, coalitions=c, backend=backend),
                                    expected, rtol=1e-12, atol=1e-12)
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="backend='cuda'"):
-            xloss.banzhaf_interaction(sim, p, q, tm, vm, num_samples=2, backend="cuda")
+    with pytest.MonkeyPatch.context() as mp:  # the compiled op not built: an explicit choice of it says so
+        mp.setattr(xloss._ext, "has_op", lambda name, fake=None: False)
+        for backend in ("cuda", "compiled"):
+            with pytest.raises(RuntimeError, match=f"backend='{backend}'"):
+                xloss.banzhaf_interaction(sim, p, q, tm, vm, num_samples=2, backend=backend)
+        torch.testing.assert_close(xloss.banzhaf_interaction(sim, p, q, tm, vm, coalitions=c), expected,
+                                   rtol=1e-12, atol=1e-12)  # "auto" falls back to the chunked engine
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        xloss.banzhaf_interaction(sim, p, q, tm, vm, num_samples=2, backend="triton")
     assert isinstance(xloss.available_backends()["cuda"], bool)
+
+
+def test_dispatch_routes_and_modules():
+    """The engines are modules named by xloss._dispatch; no gradient, hence no autograd Function."""
+    import inspect
+
+    import xloss.banzhaf.chunked
+    import xloss.banzhaf.compiled
+    import xloss.banzhaf.engine
+    from xloss import _dispatch
+
+    assert _dispatch.engine("banzhaf", "chunked") is xloss.banzhaf.chunked
+    assert _dispatch.engine("banzhaf", "compiled") is xloss.banzhaf.compiled
+    dev = torch.device("cpu")
+    assert _dispatch.resolve("banzhaf", "auto", dev, torch.float64) == ("compiled" if bz.op_available() else "chunked")
+    assert _dispatch.resolve("banzhaf", "cpu", dev, torch.float64) == "chunked"
+    assert not [v for v in vars(bz).values()
+                if inspect.isclass(v) and issubclass(v, torch.autograd.Function)]
+    assert not hasattr(bz, "_path")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CUDA op cannot run on this machine)")

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from xloss import bench
 
@@ -32,7 +33,7 @@ def test_quick_run_writes_csv(tmp_path, capsys):
                     "time_ratio", "mem_ratio"):
             assert float(row[key]) > 0, key
         assert row["device"] == "cpu" and row["device_name"] and row["dtype"] == "float32"
-        assert row["backend"] == "cpu" and row["baseline_backend"] == "reference"
+        assert row["backend"] == "chunked" and row["baseline_backend"] == "reference"
         assert row["runs"] == "1" and len(row["xloss_times_s"].split()) == 1
         assert row["torch_version"] and row["xloss_version"] and row["date"]
     table = capsys.readouterr().out
@@ -48,7 +49,7 @@ def test_naive_skipped_when_memory_is_short(tmp_path, monkeypatch):
         return {"status": "ok", "times_s": [0.5], "median_s": 0.5, "peak_bytes": 1024, "backend": "cpu",
                 "threads": 1}
 
-    monkeypatch.setattr(bench, "_run_child", fake_child)
+    monkeypatch.setattr(bench.worker, "_run_child", fake_child)
     rc = bench.main(["--family", "info_nce", "--sizes", "256", "--dim", "32", "--runs", "1", "--device", "cpu", "--no-plot",
                      "--mem-limit-gib", "0.0001", "--out", str(tmp_path)])
     assert rc == 0
@@ -69,8 +70,8 @@ def test_skip_uses_available_memory(monkeypatch):
     cfg = bench.Config(families=["info_nce"], shapes=[(4096, 4096, 64)], dtype="float32", device="cpu",
                        runs=1, baselines=("naive",), preset="default", out=None, plot=False,
                        mem_limit_bytes=None, timeout_s=None)
-    estimate = family.naive.estimate_peak_bytes((4096, 4096, 64), bench.torch.float32, bench.torch.device("cpu"))
-    monkeypatch.setattr(bench, "cpu_available_bytes", lambda: int(estimate / bench.MEM_FRACTION) - 1)
+    estimate = family.naive.estimate_peak_bytes((4096, 4096, 64), torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(bench.memory, "cpu_available_bytes", lambda: int(estimate / bench.MEM_FRACTION) - 1)
     result = bench.run_impl(family, family.naive, (4096, 4096, 64), cfg, probed_free=None)
     assert result["status"].startswith("skipped")
 
@@ -95,11 +96,11 @@ def test_worker_reports_oom_instead_of_raising():
     def broken(inputs):
         raise ValueError("bad input")
 
-    device = bench.torch.device("cpu")
+    device = torch.device("cpu")
     for run, status in ((out_of_memory, "oom"), (broken, "error: ValueError: bad input")):
         impl = bench.Impl("fake", "fake", run, lambda device: "fake")
-        result = bench.measure(family, impl, (8, 8, 4), bench.torch.float32, device, runs=1)
+        result = bench.measure(family, impl, (8, 8, 4), torch.float32, device, runs=1)
         assert result["status"].startswith(status)
         assert result["median_s"] is None
-    assert bench._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB"))
-    assert not bench._is_oom(RuntimeError("shape mismatch"))
+    assert bench.worker._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB"))
+    assert not bench.worker._is_oom(RuntimeError("shape mismatch"))

@@ -16,12 +16,8 @@ import os
 import time
 import traceback
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: its kernels run on CPU tensors
-
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -105,7 +101,10 @@ def _check_info_nce(world):
         for split in ("even", "uneven"):
             for cfg in configs:
                 seed += 1
-                what = f"info_nce {exchange} {split} {cfg}"
+                # Default ("mean", scaled by W for DDP's average) on odd seeds, the exact shares on even ones.
+                how = {} if seed % 2 else {"grad_reduction": "sum"}
+                f = world if seed % 2 else 1
+                what = f"info_nce {exchange} {split} {cfg} {how}"
                 q, k, labels, default, grad, qs, ks = _batch(world, split, seed)
                 lab = labels if cfg["labels"] else default
                 qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
@@ -118,33 +117,34 @@ def _check_info_nce(world):
                          "temperature": {"temperature": 1 / s}}[cfg["scale"]]
                 loss = xloss.info_nce(
                     ql, kl, **scale, labels=labels[qs] if cfg["labels"] else None, symmetric=cfg["symmetric"],
-                    label_smoothing=cfg["eps"], reduction=cfg["reduction"], group=group, exchange=exchange,
+                    label_smoothing=cfg["eps"], reduction=cfg["reduction"], group=group, exchange=exchange, **how,
                 )
                 g = _check_reduced(loss, ref, cfg["reduction"], grad, qs)
                 (loss * g).sum().backward()
                 (ref * (grad if cfg["reduction"] == "none" else g)).sum().backward()
-                _close(ql.grad, qr.grad[qs], f"{what}: grad query")
-                _close(kl.grad, kr.grad[ks], f"{what}: grad key")
-                if cfg["scale"] != "float":  # each rank holds its share: the sum over ranks is the full gradient
-                    _close(_gather(s.grad.reshape(1)).sum(), sr.grad, f"{what}: Σ_ranks grad logit_scale")
+                _close(ql.grad, f * qr.grad[qs], f"{what}: grad query")
+                _close(kl.grad, f * kr.grad[ks], f"{what}: grad key")
+                if cfg["scale"] != "float":  # each rank holds (f ×) its share: Σ_ranks / f is the full gradient
+                    _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
         with torch.no_grad():  # forward only (nothing saved, nothing exchanged in backward)
             q, k, labels, default, grad, qs, ks = _batch(world, "uneven", 99)
             loss = xloss.info_nce(q[qs], k[ks], labels=labels[qs], group=group, exchange=exchange)
             _close(loss, reference.info_nce(q, k, labels=labels), f"info_nce {exchange} no_grad")
     # all_gather's fallback for a backend without reduce_scatter: all_reduce of the padded dk buffer.
-    from xloss import distributed
+    from xloss import _comm
 
-    distributed._REDUCE_SCATTER_OK = False
+    _comm._REDUCE_SCATTER_OK = False
     try:
         q, k, labels, default, grad, qs, ks = _batch(world, "uneven", 98)
         qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
         reference.info_nce(qr, kr, labels=labels, label_smoothing=0.1).backward()
         ql, kl = q[qs].clone().requires_grad_(), k[ks].clone().requires_grad_()
-        xloss.info_nce(ql, kl, labels=labels[qs], label_smoothing=0.1, group=group, exchange="all_gather").backward()
+        xloss.info_nce(ql, kl, labels=labels[qs], label_smoothing=0.1, group=group, exchange="all_gather",
+                       grad_reduction="sum").backward()
         _close(ql.grad, qr.grad[qs], "all_gather without reduce_scatter: grad query")
         _close(kl.grad, kr.grad[ks], "all_gather without reduce_scatter: grad key")
     finally:
-        distributed._REDUCE_SCATTER_OK = True
+        _comm._REDUCE_SCATTER_OK = True
 
 
 def _check_triton(world):
@@ -161,7 +161,7 @@ def _check_triton(world):
         ql = q[qs].float().requires_grad_()
         kl = k[ks].float().requires_grad_()
         loss = xloss.info_nce(ql, kl, logit_scale=3.0, labels=labels[qs], label_smoothing=0.1, backend="triton",
-                              group=dist.group.WORLD, exchange=exchange)
+                              group=dist.group.WORLD, exchange=exchange, grad_reduction="sum")
         loss.backward()
         what = f"triton info_nce {exchange}"
         _close(loss.double(), ref.detach(), f"{what}: loss", rtol=1e-5, atol=1e-6)
@@ -175,7 +175,7 @@ def _check_triton(world):
             kl = k[ks].float().requires_grad_()
             loss = xloss.sigmoid_loss(ql, kl, logit_scale=3.0, logit_bias=-2.0, labels=labels[qs],
                                       reduction=reduction, backend="triton", group=dist.group.WORLD,
-                                      exchange=exchange)
+                                      exchange=exchange, grad_reduction="sum")
             loss.sum().backward()
             what = f"triton sigmoid {exchange} {reduction}"
             _close(loss.double(), ref.detach()[qs] if reduction == "none" else ref.detach(), f"{what}: loss",
@@ -193,7 +193,9 @@ def _check_sigmoid(world):
         for split in ("even", "uneven"):
             for use_labels, reduction in ((False, "mean"), (True, "sum"), (True, "none"), (False, "none")):
                 seed += 1
-                what = f"sigmoid {exchange} {split} labels={use_labels} {reduction}"
+                how = {} if seed % 2 else {"grad_reduction": "sum"}
+                f = world if seed % 2 else 1
+                what = f"sigmoid {exchange} {split} labels={use_labels} {reduction} {how}"
                 q, k, labels, default, grad, qs, ks = _batch(world, split, seed)
                 lab = labels if use_labels else default
                 qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
@@ -207,21 +209,71 @@ def _check_sigmoid(world):
                 fn = xloss.sigmoid_loss if split == "uneven" else distributed.sigmoid_loss  # public: dispatches
                 loss = fn(
                     ql, kl, logit_scale=s, logit_bias=b, labels=labels[qs] if use_labels else None,
-                    reduction=reduction, group=group, exchange=exchange,
+                    reduction=reduction, group=group, exchange=exchange, **how,
                 )
                 g = _check_reduced(loss, ref, reduction, grad, qs)
                 (loss * g).sum().backward()
                 (ref * (grad if reduction == "none" else g)).sum().backward()
-                _close(ql.grad, qr.grad[qs], f"{what}: grad query")
-                _close(kl.grad, kr.grad[ks], f"{what}: grad key")
-                _close(_gather(s.grad.reshape(1)).sum(), sr.grad, f"{what}: Σ_ranks grad logit_scale")
-                _close(_gather(b.grad.reshape(1)).sum(), br.grad, f"{what}: Σ_ranks grad logit_bias")
+                _close(ql.grad, f * qr.grad[qs], f"{what}: grad query")
+                _close(kl.grad, f * kr.grad[ks], f"{what}: grad key")
+                _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
+                _close(_gather(b.grad.reshape(1)).sum() / f, br.grad, f"{what}: Σ_ranks grad logit_bias")
         with torch.no_grad():
             q, k, labels, default, grad, qs, ks = _batch(world, "uneven", 199)
             loss = distributed.sigmoid_loss(q[qs], k[ks], logit_scale=2.0, logit_bias=-1.0, labels=labels[qs],
                                             group=group, exchange=exchange)
             _close(loss, _sigmoid_reference(q, k, logit_scale=2.0, logit_bias=-1.0, labels=labels),
                    f"sigmoid {exchange} no_grad")
+
+
+def _check_ddp(world):
+    """The issue's bar: a replicated encoder and scale on every rank, the loss with DEFAULT options, backward,
+    then parameter gradients averaged over ranks as DDP does: they equal the single-process gradients of the
+    global loss (rtol 1e-8), and the mean of the per-rank values is the single-process loss.  The opt-out
+    ``grad_reduction="sum"`` gives the same after a SUM over ranks."""
+    group = dist.group.WORLD
+    d_in = 7
+    seed = 500
+    for loss_name in ("info_nce", "sigmoid"):
+        for exchange in ("ring", "all_gather"):
+            for split in ("even", "uneven"):
+                for how in ("mean", "sum"):
+                    n, m = SIZES[world][split]
+                    seed += 1
+                    g = torch.Generator().manual_seed(seed)
+                    xq = torch.randn(sum(n), d_in, dtype=F64, generator=g)
+                    xk = torch.randn(sum(m), d_in, dtype=F64, generator=g)
+                    w0 = torch.randn(D, d_in, dtype=F64, generator=g)
+                    rank = dist.get_rank()
+                    qs, ks = slice(sum(n[:rank]), sum(n[: rank + 1])), slice(sum(m[:rank]), sum(m[: rank + 1]))
+
+                    def run(xq, xk, loss_name=loss_name, w0=w0, **kw):
+                        enc = torch.nn.Linear(d_in, D, bias=False, dtype=F64)
+                        with torch.no_grad():
+                            enc.weight.copy_(w0)
+                        scale = torch.tensor(2.0, dtype=F64, requires_grad=True)
+                        bias = torch.tensor(-1.0, dtype=F64, requires_grad=True)
+                        q, k = enc(xq), enc(xk)
+                        if loss_name == "info_nce":
+                            loss = xloss.info_nce(q, k, logit_scale=scale, **kw)
+                            params = [enc.weight, scale]
+                        else:
+                            loss = xloss.sigmoid_loss(q, k, logit_scale=scale, logit_bias=bias, **kw)
+                            params = [enc.weight, scale, bias]
+                        loss.backward()
+                        return loss.detach(), [p.grad for p in params]
+
+                    default = torch.cat([torch.arange(n[r]) + sum(m[:r]) for r in range(world)])
+                    ref, ref_grads = run(xq, xk, labels=default, backend="reference")
+                    extra = {} if how == "mean" else {"grad_reduction": "sum"}
+                    val, grads = run(xq[qs], xk[ks], group=group, exchange=exchange, **extra)
+                    what = f"DDP {loss_name} {exchange} {split} grad_reduction={how}"
+                    _close(_gather(val.reshape(1)).mean(), ref, f"{what}: mean of per-rank values", rtol=1e-8)
+                    for i, (got, exp) in enumerate(zip(grads, ref_grads)):
+                        dist.all_reduce(got, group=group)  # DDP: all-reduce, then divide by the world size
+                        if how == "mean":
+                            got = got / world
+                        _close(got, exp, f"{what}: parameter {i} gradient", rtol=1e-8, atol=1e-12)
 
 
 def _check_bad_input(world):
@@ -254,6 +306,12 @@ def _check_bad_input(world):
         xloss.info_nce(q, k, group=group, exchange="broadcast")
     with pytest.raises(ValueError, match="reference.*single-process only"):
         xloss.info_nce(q, k, group=group, backend="reference")
+    with pytest.raises(ValueError, match="grad_reduction must be one of"):
+        xloss.info_nce(q, k, group=group, grad_reduction="avg")
+    for loss in (lambda q, k: xloss.info_nce(q, k, group=group),
+                 lambda q, k: xloss.sigmoid_loss(q, k, logit_scale=1.0, logit_bias=0.0, group=group)):
+        with pytest.raises(Exception, match="group= .* is not supported inside torch.compile"):
+            torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k)
     # The group is still in step after all those errors: a valid call works and agrees across ranks.
     loss = xloss.info_nce(q, k, group=group)
     values = _gather(loss.reshape(1))
@@ -307,7 +365,7 @@ def _worker(rank, world, path, out):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     results = {}
-    checks = [_check_info_nce, _check_sigmoid, _check_one_rank_group, _measure_memory]
+    checks = [_check_info_nce, _check_sigmoid, _check_ddp, _check_one_rank_group, _measure_memory]
     if world == 2:
         checks[2:2] = [_check_bad_input, _check_triton]
     try:
@@ -358,6 +416,11 @@ def test_info_nce_matches_single_process(worlds, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_sigmoid_matches_single_process(worlds, world):
     _assert_ok(worlds, world, "_check_sigmoid")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_averaged_gradients_equal_single_process(worlds, world):
+    _assert_ok(worlds, world, "_check_ddp")
 
 
 def test_bad_input_raises_on_every_rank(worlds):

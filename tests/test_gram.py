@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import xloss
+from xloss import gram
 from xloss import reference as R
-from xloss.gram import cpu as _cpu
+from xloss.gram import chunked as _cpu
 
 D = 6
 
@@ -194,6 +195,14 @@ def test_bad_inputs():
         xloss.gram_loss(a, *xs, temperature=torch.tensor(-1.0))
     with pytest.raises(ValueError, match="temperature is required"):
         xloss.gram_loss(a, *xs, temperature=None)
+    with pytest.raises(ValueError, match="either logit_scale or temperature"):
+        xloss.gram_loss(a, *xs, temperature=0.1, logit_scale=10.0)
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        xloss.gram_loss(a, *xs, temperature=0.1, labels=torch.arange(3))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        xloss.gram_loss(a, *xs, temperature=0.1, labels=torch.tensor([0, 1, 2, 4]))
+    with pytest.raises(TypeError, match="labels must have an integer dtype"):
+        xloss.gram_loss(a, *xs, temperature=0.1, labels=torch.zeros(4))
     with pytest.raises(ValueError, match=r"others\[1\] must have the shape"):
         xloss.gram_volume(a, xs[0], xs[1][:3])
     with pytest.raises(ValueError, match="feature dimension"):
@@ -222,3 +231,82 @@ def test_bad_inputs():
         xloss.gram_loss(a, *xs, temperature=0.1, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         xloss.gram_loss(a, *xs, temperature=0.1, backend="nope")
+
+
+# ------------------------------------------------------------------------------------- labels, spellings
+@pytest.mark.parametrize("n1,n2", [(5, 5), (4, 7), (7, 3)])
+@pytest.mark.parametrize("stopgrad", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_labels_match_reference(n1, n2, stopgrad, smoothing, tiles):
+    """``labels``: N1 anchors against N2 samples, duplicate positives (and samples nobody's positive)."""
+    a, xs = _inputs(n1, n2, 3, normalize=True, seed=n1 + n2)
+    labels = torch.randint(0, n2, (n1,), generator=torch.Generator().manual_seed(n1))
+    labels[-1] = labels[0]  # a duplicate, whatever the draw
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    for reduction in ("mean", "none"):
+        kw = {"labels": labels, "label_smoothing": smoothing, "stopgrad_gathered": stopgrad, "reduction": reduction}
+        loss = xloss.gram_loss(a, *xs, temperature=t, **kw)
+        ref = R.gram_loss(a, *xs, temperature=t, **kw)
+        assert loss.shape == ref.shape == ((n1,) if reduction == "none" else ())
+        _close(loss, ref)
+        _close(loss, xloss.gram_loss(a, *xs, temperature=t, backend="reference", **kw))
+        g = torch.rand(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
+        for x, y in zip(_grads(loss, [a, *xs, t], g), _grads(ref, [a, *xs, t], g)):
+            _close(x, y)
+
+
+def test_reference_labels_definition():
+    """The reference's labels: row i against column labels[i]; column labels[i] (over all anchors) against i."""
+    a, xs = _inputs(4, 6, 2, seed=7)
+    labels = torch.tensor([5, 0, 5, 2])
+    z = -R.gram_volume(a, *xs) / 0.5
+    rows = torch.stack([torch.logsumexp(z[i], 0) - z[i, labels[i]] for i in range(4)])
+    cols = torch.stack([torch.logsumexp(z[:, labels[i]], 0) - z[i, labels[i]] for i in range(4)])
+    _close(R.gram_loss(a, *xs, temperature=0.5, labels=labels, label_smoothing=0.0, reduction="none"),
+           (rows + cols) / 2)
+    # default labels are arange(N): the same as passing them
+    b, ys = _inputs(5, 5, 3, seed=8)
+    _close(xloss.gram_loss(b, *ys, temperature=0.5), xloss.gram_loss(b, *ys, temperature=0.5, labels=torch.arange(5)))
+
+
+def test_logit_scale_spelling():
+    a, xs = _inputs(6, 6, 3, normalize=True, seed=9)
+    s = torch.tensor(1 / 0.3, dtype=torch.float64, requires_grad=True)
+    loss = xloss.gram_loss(a, *xs, logit_scale=s)
+    ref = R.gram_loss(a, *xs, logit_scale=s)
+    _close(loss, ref)
+    _close(loss, xloss.gram_loss(a, *xs, temperature=0.3))
+    _close(loss, xloss.gram_loss(a, *xs, logit_scale=s, backend="reference"))
+    for x, y in zip(_grads(loss, [a, *xs, s]), _grads(ref, [a, *xs, s])):
+        _close(x, y)
+    _close(xloss.gram_loss(a, *xs, logit_scale=2.0), R.gram_loss(a, *xs, temperature=0.5))
+
+
+def test_one_function_and_engine_names(monkeypatch):
+    """One autograd Function for gram_volume and gram_loss (through the sweep ops); engines by _dispatch name."""
+    import inspect
+
+    import xloss.gram.chunked
+    import xloss.gram.engine
+    from xloss.gram import ops
+
+    functions = [v for v in vars(gram).values()
+                 if inspect.isclass(v) and issubclass(v, torch.autograd.Function) and v is not torch.autograd.Function]
+    assert functions == [gram.GramFunction]
+    a, xs = _inputs(4, 4, 3)
+    assert xloss.gram_volume(a, *xs).grad_fn.name() == "GramFunctionBackward"
+    assert xloss.gram_loss(a, *xs, temperature=0.5).grad_fn.name() == "GramFunctionBackward"
+    assert gram._engine("auto", a) == "chunked" and gram._engine("cpu", a) == "chunked"
+    assert gram._engine("reference", a) == "reference"
+    for name in ("gram_volume", "gram_volume_grad", "gram_loss_stats", "gram_loss_grad"):
+        assert hasattr(torch.ops.xloss, name) and callable(getattr(ops, name))
+    with pytest.raises(dataclasses_error()):
+        gram.GramOptions().eps = 1.0  # frozen
+    for old in ("cpu", "chunked"):
+        _close(xloss.gram_loss(a, *xs, temperature=0.5, backend=old), R.gram_loss(a, *xs, temperature=0.5))
+
+
+def dataclasses_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError

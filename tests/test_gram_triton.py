@@ -26,7 +26,6 @@ if importlib.util.find_spec("triton") is None:
 
 import xloss
 from xloss import reference as R
-from xloss.gram import cpu as _cpu
 from xloss.gram import triton as tri
 
 INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
@@ -179,11 +178,20 @@ def test_raw_loss_stats():
     a, xs = _inputs(33, 33, 4, seed=8)
     v = R.gram_volume(a, *xs).detach()
     s = 7.0
-    lse_r, lse_c, mean_r, mean_c, vdiag = tri.loss_stats(*_as([a], torch.float32), _as(xs, torch.float32),
-                                                         torch.tensor(s), 0.0)
+    lse_r, lse_c, mean_r, mean_c, vdiag, det = tri.loss_stats(*_as([a], torch.float32), _as(xs, torch.float32),
+                                                              torch.tensor(s), torch.arange(33, device=DEVICE), 0.0)
+    assert det is None
     for got, want in [(lse_r, torch.logsumexp(-s * v, 1)), (lse_c, torch.logsumexp(-s * v, 0)),
                       (mean_r, v.mean(1)), (mean_c, v.mean(0)), (vdiag, v.diagonal())]:
         assert got.shape == (33,) and _rel(got, want) < 1e-5
+    # N1 != N2 and labels: the positive V[i, labels[i]], columns over N1 rows, rows over N2 columns
+    labels = torch.randint(0, 9, (33,), generator=torch.Generator().manual_seed(1))
+    v = R.gram_volume(a, *[x[:9] for x in xs]).detach()
+    stats = tri.loss_stats(*_as([a], torch.float32), _as([x[:9] for x in xs], torch.float32), torch.tensor(s),
+                           labels.to(DEVICE), 0.0)
+    wants = [torch.logsumexp(-s * v, 1), torch.logsumexp(-s * v, 0), v.mean(1), v.mean(0), v[torch.arange(33), labels]]
+    for got, want in zip(stats[:5], wants):
+        assert got.shape == want.shape and _rel(got, want) < 1e-5
 
 
 def test_backend_resolution(monkeypatch):
@@ -191,14 +199,67 @@ def test_backend_resolution(monkeypatch):
     a, xs = a.detach().to(DEVICE), [x.detach().to(DEVICE) for x in xs]
     from xloss import gram
 
-    assert gram._resolve("auto", a.float())[1] is (tri if DEVICE == "cuda" else _cpu)
-    assert gram._resolve("triton", a.float())[1] is tri
+    assert gram._engine("auto", a.float()) == ("triton" if DEVICE == "cuda" else "chunked")
+    assert gram._engine("triton", a.float()) == "triton"
     with pytest.raises(TypeError, match="float64"):  # also a RuntimeError, as a backend that cannot run
         xloss.gram_loss(a, *xs, temperature=0.1, backend="triton")
-    monkeypatch.setenv("XLOSS_BACKEND", "triton")  # "auto" through the environment: float64 keeps the cpu path
-    assert gram._resolve("auto", a)[1] is _cpu
-    assert gram._resolve("auto", a.float())[1] is tri
+    monkeypatch.setenv("XLOSS_BACKEND", "triton")  # "auto" through the environment: float64 keeps the chunked engine
+    assert gram._engine("auto", a) == "chunked"
+    assert gram._engine("auto", a.float()) == "triton"
     got = xloss.gram_loss(a, *xs, temperature=0.1)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got.cpu(), R.gram_loss(a.cpu(), *[x.cpu() for x in xs], temperature=0.1),
                                rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("k", "n1", "n2", "stopgrad", "ls", "reduction"), [
+    (2, 20, 20, False, 0.1, "mean"),  # a permutation of the positives
+    (3, 17, 9, True, 0.0, "none"),  # N1 > N2: duplicates throughout
+    (4, 7, 19, False, 0.2, "sum"),  # N1 < N2: samples nobody's positive
+])
+def test_loss_labels(k, n1, n2, stopgrad, ls, reduction):
+    """``labels`` on the kernels against the fp64 reference: N1 != N2, duplicate labels, every gradient."""
+    a, xs = _inputs(n1, n2, k, seed=20 + k)
+    gen = torch.Generator().manual_seed(k)
+    if n1 <= n2 and k == 2:
+        labels = torch.randperm(n2, generator=gen)[:n1]
+    else:
+        labels = torch.randint(0, n2, (n1,), generator=gen)
+    if k != 2:
+        labels[-1] = labels[0]  # a duplicate, whatever the draw
+    tau = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    opts = {"labels": labels, "label_smoothing": ls, "stopgrad_gathered": stopgrad, "reduction": reduction}
+    want = R.gram_loss(a, *xs, temperature=tau, **opts)
+    go = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 1.5
+    g_want = torch.autograd.grad(want, [a, *xs, tau], go)
+    ins = _as([a, *xs], torch.float32)
+    tau32 = tau.detach().float().to(DEVICE).requires_grad_()
+    got = xloss.gram_loss(*ins, temperature=tau32, backend="triton", **{**opts, "labels": labels.to(DEVICE)})
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert _rel(got, want, floor=1.0) < 1e-5
+    g_got = torch.autograd.grad(got, [*ins, tau32], go.float().to(DEVICE))
+    for x, y in zip(g_got, g_want):
+        assert _rel(x, y, floor=1e-2) < 1e-4
+
+
+def test_labels_under_torch_compile():
+    """The sweep ops' fakes with N1 != N2 and labels (Triton engine): compiled values and gradients equal eager."""
+    a, xs = _inputs(5, 7, 3, seed=30)
+    ins = _as([a, *xs], torch.float32)
+    s = torch.tensor(2.0, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([6, 0, 6, 3, 1], device=DEVICE)
+
+    def f(a, x, y, s, labels):
+        return torch.cat([
+            xloss.gram_loss(a, x, y, logit_scale=s, labels=labels, reduction="none", backend="triton"),
+            xloss.gram_loss(a, x, y, logit_scale=s, labels=labels, stopgrad_gathered=True, backend="triton")[None],
+            xloss.gram_volume(a, x, backend="triton").flatten(),
+        ])
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*ins, s, labels)
+    want = f(*ins, s, labels)
+    torch.testing.assert_close(got, want)
+    go = torch.linspace(0.5, 1.5, got.numel(), device=DEVICE)
+    torch.testing.assert_close(torch.autograd.grad(got, [*ins, s], go), torch.autograd.grad(want, [*ins, s], go))
+    torch._dynamo.reset()

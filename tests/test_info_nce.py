@@ -9,16 +9,19 @@ All shapes are small: the machine has 2 shared cores and the whole file must run
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
+import engines
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close64, assert_no_worse
 
 import xloss
-from xloss import _backend
-from xloss.info_nce import cpu as _cpu
+from xloss import _dispatch
+from xloss.infonce import chunked as _cpu
 
 SCALE = 4.0  # exactly representable, and so is 1/SCALE: float scales mean the same thing in fp32 and fp64
 D = 16
@@ -107,31 +110,6 @@ def cpu_loss(q, k, **kw):
 
 def ref_loss(q, k, **kw):
     return xloss.reference.info_nce(q, k, **kw)
-
-
-def assert_close64(actual, expected, rtol=1e-10):
-    """fp64 agreement: relative 1e-10 per entry, or 1e-10 of the tensor's largest entry (entries that cancel
-    to ~0), with a floor of 1e-13 for tensors that are exactly 0 (N = 1 gradients)."""
-    assert actual.dtype == expected.dtype
-    atol = rtol * max(1e-3, float(expected.abs().max())) if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-def assert_no_worse(fast, naive, exact, what="", magnitude=0.0, slack_ulps=8.0):
-    """cut-cross-entropy's rule: |fast - exact| <= |naive - exact| + slack (max-abs over the tensor).
-
-    The slack is ``slack_ulps`` fp32 epsilons of the size of the terms that make up each entry (``magnitude``,
-    see ``term_magnitudes``) or of the largest exact entry if larger: a few roundings, nothing more.  Without
-    the term size, an entry that cancels to exactly 0 (N = 1) would allow no rounding at all.
-    """
-    exact = exact.double()
-    err_fast = float((fast.double() - exact).abs().max())
-    err_naive = float((naive.double() - exact).abs().max())
-    slack = slack_ulps * torch.finfo(torch.float32).eps * max(float(exact.abs().max()), magnitude, 1e-30)
-    assert torch.isfinite(fast).all(), f"{what}: non-finite values"
-    assert err_fast <= err_naive + slack, (
-        f"{what}: fast-path error {err_fast:.3e} > naive fp32 error {err_naive:.3e} + slack {slack:.3e}"
-    )
 
 
 def term_magnitudes(q, k, scale, go, reduction):
@@ -340,7 +318,9 @@ def test_cpu_engine_primitives(monkeypatch, n, m, rows_mb):
     q, k, _ = make_inputs(n, m, 5, seed=n + 2 * m, dtype=torch.float64)
     s = torch.tensor(3.0, dtype=torch.float64)
     z = s * q @ k.T
-    row, col, z_pos, kept = _cpu.lse(q, k, s, True, torch.arange(n) % m)
+    keep = _cpu.keeps_logits(n, m, 8)
+    assert keep == (rows_mb is None)
+    row, col, z_pos, kept = _cpu.lse(q, k, s, True, torch.arange(n) % m, keep)
     if rows_mb is None:  # small problem: the logits are kept for backward
         assert_close64(kept, z)
     else:
@@ -717,11 +697,11 @@ def test_half_inputs(dtype, grad_rtol, case):
 
 
 # --------------------------------------------------------------------------------------------- backends
-def test_auto_picks_cpu_on_cpu(monkeypatch):
+def test_auto_picks_chunked_on_cpu(monkeypatch):
     monkeypatch.delenv("XLOSS_BACKEND", raising=False)
-    assert _backend.resolve("auto", torch.device("cpu")) == "cpu"
-    assert _backend.resolve("auto", torch.device("cpu"), "info_nce") == "cpu"
-    assert _backend.available_backends()["cpu"] and _backend.available_backends()["reference"]
+    assert _dispatch.resolve("info_nce", "auto", torch.device("cpu"), torch.float32) == "chunked"
+    assert _dispatch.resolve("info_nce", "cpu", torch.device("cpu"), torch.float32) == "chunked"  # old alias
+    assert _dispatch.available_backends()["chunked"] and _dispatch.available_backends()["reference"]
     q, k, _ = make_inputs(7, 7, seed=26)
     q.requires_grad_(True)
     loss = xloss.info_nce(q, k, logit_scale=SCALE)
@@ -745,19 +725,21 @@ def test_backend_reference_is_the_reference(monkeypatch):
 
 @pytest.mark.parametrize(
     "env,expected",
-    [("reference", "reference"), ("cpu", "cpu"), ("auto", "cpu"), ("", "cpu"), (" reference ", "reference")],
+    [("reference", "reference"), ("cpu", "chunked"), ("chunked", "chunked"), ("auto", "chunked"), ("", "chunked"),
+     (" reference ", "reference")],
 )
 def test_xloss_backend_env_overrides_auto(monkeypatch, env, expected):
     monkeypatch.setenv("XLOSS_BACKEND", env)
-    assert _backend.resolve("auto", torch.device("cpu")) == expected
+    cpu = torch.device("cpu")
+    assert _dispatch.resolve("info_nce", "auto", cpu, torch.float32) == expected
     # an explicit choice is not overridden
-    assert _backend.resolve("cpu", torch.device("cpu")) == "cpu"
-    assert _backend.resolve("reference", torch.device("cpu")) == "reference"
+    assert _dispatch.resolve("info_nce", "cpu", cpu, torch.float32) == "chunked"
+    assert _dispatch.resolve("info_nce", "reference", cpu, torch.float32) == "reference"
     q, k, _ = make_inputs(7, 7, seed=28)
     q.requires_grad_(True)
     loss = xloss.info_nce(q, k)
     is_fast = type(loss.grad_fn).__name__ == "InfoNCEFunctionBackward"
-    assert is_fast == (expected == "cpu")
+    assert is_fast == (expected == "chunked")
 
 
 def test_cpu_path_stores_nothing_n_by_m(monkeypatch):
@@ -798,3 +780,69 @@ def test_fp32_peaked_loss_values_no_worse_than_naive(case, symmetric):
     naive = xloss.reference.info_nce(q.float(), k.float(), **opts).double()
     naive_err = (naive - exact).abs().max()
     assert (fast - exact).abs().max() <= 1.5 * naive_err + 1e-7 * exact.abs().max()
+
+
+# ------------------------------------------------------------------------------------ custom ops (one path)
+def test_sweep_ops_opcheck():
+    """The two engine sweeps as custom ops (what InfoNCEFunction calls in eager mode and under compile): schema,
+    fake (shapes only) and dispatch agree; the fake's logits shape follows the keep_logits argument alone."""
+    from xloss.infonce import ops
+
+    f64 = torch.float64
+    q, k = torch.randn(3, 4, dtype=f64), torch.randn(5, 4, dtype=f64)
+    s, labels = torch.tensor(2.0, dtype=f64), torch.tensor([0, 4, 2])
+    for need_cols, keep in ((True, True), (True, False), (False, False)):
+        torch.library.opcheck(ops.info_nce_lse, (q, k, s, labels, need_cols, keep, "chunked"))
+        row, col, _, logits = ops.lse(q, k, s, labels, need_cols, keep, "chunked")
+        a, w = torch.rand(3, dtype=f64), (torch.rand(5, dtype=f64) if need_cols else None)
+        torch.library.opcheck(ops.info_nce_grad, (q, k, s, row, col, a, w, logits, "chunked"))
+
+
+def test_one_function_one_path(monkeypatch):
+    """InfoNCEFunction is the family's only autograd Function and runs on every call (no compile fork)."""
+    import inspect
+
+    import xloss.infonce as fam
+
+    functions = [c for _, c in inspect.getmembers(fam, inspect.isclass) if issubclass(c, torch.autograd.Function)]
+    assert functions == [fam.InfoNCEFunction]
+    src = inspect.getsource(fam)
+    assert "is_compiling" not in src
+    q, k, _ = make_inputs(5, 6, seed=3)
+    loss = xloss.info_nce(q.requires_grad_(), k, logit_scale=SCALE)
+    assert type(loss.grad_fn).__name__ == "InfoNCEFunctionBackward"
+    opts = fam.InfoNCEOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.symmetric = False  # frozen: options never change after the call starts
+
+
+# ----------------------------------------------------------------------------- one body: engine × mode
+MATRIX_OPTIONS = [
+    {"symmetric": True, "label_smoothing": 0.0, "reduction": "mean"},
+    {"symmetric": True, "label_smoothing": 0.1, "reduction": "sum"},
+    {"symmetric": False, "label_smoothing": 0.2, "reduction": "none"},
+]
+
+
+@pytest.mark.parametrize("mode", engines.MODES)
+@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize("opts", MATRIX_OPTIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_engine_mode_matrix(engine, mode, opts):
+    """Every engine, eager and compiled, against the fp64 reference: value, d query, d key, d scale."""
+    dtype = engines.dtype_of(engine)
+    q64, k64, labels = make_inputs(7, 9, labels_kind="dup", seed=40, dtype=torch.float64)
+    labels = labels.to(engines.DEVICE)
+
+    def inputs(dt):
+        return [t.to(engines.DEVICE, dt).requires_grad_() for t in (q64, k64, torch.tensor(SCALE, dtype=torch.float64))]
+
+    def loss(backend):
+        return lambda q, k, s: xloss.info_nce(q, k, logit_scale=s, labels=labels, backend=backend, **opts)
+
+    got = engines.run(loss(engine), inputs(dtype), mode)
+    gold = engines.run(loss("reference"), inputs(torch.float64), "eager")
+    naive = engines.run(loss("reference"), inputs(dtype), "eager")
+    go = torch.linspace(0.5, 1.5, gold[0].numel(), dtype=torch.float64).reshape(gold[0].shape)
+    mags = term_magnitudes(q64, k64, SCALE, go, opts["reduction"])
+    engines.check_engine(engine, got, gold, naive, ["loss", "d query", "d key", "d scale"], mags)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)

@@ -9,6 +9,7 @@ All shapes are tiny: the machine has 2 shared cores and the whole file must run 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 import xloss
 from xloss import reference
-from xloss.late_interaction import cpu as _cpu
+from xloss.late_interaction import chunked as _chunked
 
 NQ, ND, LQ, LD, D = 5, 7, 4, 6, 8
 MODES = ("exclude", "zero")
@@ -142,7 +143,7 @@ def test_hbi_weighted_token_interaction():
 def test_mean_reduction_with_weights_divides_by_valid_count():
     q, d, qm, dm, qw, _ = make_inputs(empty_rows=False)
     s_sum = reference.maxsim(q, d, qm, dm, q_weights=qw)
-    s_mean = reference.maxsim(q, d, qm, dm, q_weights=qw, reduction="mean")
+    s_mean = reference.maxsim(q, d, qm, dm, q_weights=qw, token_reduction="mean")
     torch.testing.assert_close(s_mean, s_sum / qm.sum(1, keepdim=True).to(q.dtype))
 
 
@@ -158,7 +159,7 @@ def test_maxsim_matches_reference(mode, direction, reduction, weights):
         tensors["q_weights"] = qw
     if weights and direction != "q2d":
         tensors["d_weights"] = dw
-    opts = {"mask_mode": mode, "direction": direction, "reduction": reduction}
+    opts = {"mask_mode": mode, "direction": direction, "token_reduction": reduction}
     want = run(reference.maxsim, tensors, **opts)
     got = run(xloss.maxsim, tensors, backend="cpu", **opts)
     assert got[0].shape == (NQ, ND)
@@ -175,7 +176,7 @@ def test_maxsim_pairs_matches_reference(mode, direction, reduction):
         tensors["q_weights"] = qw
     if direction != "q2d":
         tensors["d_weights"] = dw
-    opts = {"mask_mode": mode, "direction": direction, "reduction": reduction}
+    opts = {"mask_mode": mode, "direction": direction, "token_reduction": reduction}
     want = run(reference.maxsim_pairs, tensors, **opts)
     got = run(xloss.maxsim_pairs, tensors, backend="cpu", **opts)
     assert got[0].shape == (6,)
@@ -224,24 +225,24 @@ def test_loss_matches_reference(case, direction):
         assert_close_lists(got, want)
 
 
-@pytest.mark.parametrize("score_reduction", [None, "sum", "mean"])
+@pytest.mark.parametrize("token_reduction", [None, "sum", "mean"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_loss_score_reduction_and_float_scale(direction, score_reduction):
+def test_loss_token_reduction_and_float_scale(direction, token_reduction):
     q, d, qm, dm, _, _ = make_inputs(nq=5, nd=5)
-    opts = {"direction": direction, "score_reduction": score_reduction, "logit_scale": 7.0}
+    opts = {"direction": direction, "token_reduction": token_reduction, "logit_scale": 7.0}
     want = run(reference.late_interaction_loss, {"q": q, "d": d, "q_mask": qm, "d_mask": dm}, **opts)
     got = run(xloss.late_interaction_loss, {"q": q, "d": d, "q_mask": qm, "d_mask": dm}, backend="cpu", **opts)
     assert_close_lists(got, want)
     default = "sum" if direction == "q2d" else "mean"
     explicit = reference.late_interaction_loss(q, d, qm, dm, logit_scale=7.0, direction=direction,
-                                               score_reduction=score_reduction or default)
+                                               token_reduction=token_reduction or default)
     torch.testing.assert_close(want[0], explicit)
 
 
 def test_loss_d2q_is_column_cross_entropy():
     """"d2q": each document against all queries (columns of s·S^{d2q})."""
     q, d, qm, dm, _, _ = make_inputs(nq=5, nd=5)
-    s = reference.maxsim(q, d, qm, dm, direction="d2q", reduction="mean")
+    s = reference.maxsim(q, d, qm, dm, direction="d2q", token_reduction="mean")
     want = F.cross_entropy(2.0 * s.T, torch.arange(5))
     got = xloss.late_interaction_loss(q, d, qm, dm, logit_scale=2.0, direction="d2q", backend="cpu")
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -276,7 +277,7 @@ def test_engine_indices_and_values():
     acc = torch.float64
     q_w = reference.late_interaction.token_weights(qm, None, "sum", acc)
     d_w = reference.late_interaction.token_weights(dm, None, "sum", acc)
-    s1, i1, v1, s2, i2, v2 = _cpu.maxsim_fwd(q, d, q_w, d_w, qm, dm, False, True, True)
+    s1, i1, v1, s2, i2, v2 = _chunked.maxsim_fwd(q, d, q_w, d_w, qm, dm, False, True, True)
     assert i1.dtype == i2.dtype == torch.int16
     assert i1.shape == (NQ, ND, LQ) and i2.shape == (NQ, ND, LD)
     sim = torch.einsum("atd,bvd->abtv", q, d)
@@ -294,10 +295,10 @@ def test_engine_indices_and_values():
     assert (i2[~has2] == -1).all() and (v2[~has2] == 0).all()
     torch.testing.assert_close(s2, (d_w[None] * v2).sum(-1))
     # one direction only: the other is None; zero mode: no -1 (invalid tokens score 0 and compete)
-    out = _cpu.maxsim_fwd(q, d, q_w, None, qm, dm, True, True, False)
+    out = _chunked.maxsim_fwd(q, d, q_w, None, qm, dm, True, True, False)
     assert out[3] is None and out[4] is None and out[5] is None
     assert (out[1] >= 0).all()
-    out = _cpu.maxsim_fwd(q, d, q_w, d_w, qm, dm, False, True, False, need_aux=False)
+    out = _chunked.maxsim_fwd(q, d, q_w, d_w, qm, dm, False, True, False, need_aux=False)
     assert out[1] is None and out[2] is None
     torch.testing.assert_close(out[0], s1)
 
@@ -314,7 +315,7 @@ def test_fully_masked_rows_score_zero_without_nan(mode, direction, reduction):
         tensors["q_weights"] = qw
     if direction != "q2d":
         tensors["d_weights"] = dw
-    out = run(xloss.maxsim, tensors, backend="cpu", mask_mode=mode, direction=direction, reduction=reduction)
+    out = run(xloss.maxsim, tensors, backend="cpu", mask_mode=mode, direction=direction, token_reduction=reduction)
     for t in out:
         assert torch.isfinite(t).all()
     s, dq, dd = out[:3]
@@ -344,7 +345,7 @@ def test_all_tokens_masked_everywhere():
     dm[:] = False
     for mode, direction, reduction in itertools.product(MODES, DIRECTIONS, REDUCTIONS):
         out = run(xloss.maxsim, {"q": q, "d": d, "q_mask": qm, "d_mask": dm}, backend="cpu", mask_mode=mode,
-                  direction=direction, reduction=reduction)
+                  direction=direction, token_reduction=reduction)
         for t in out:
             assert (t == 0).all()
         loss = run(xloss.late_interaction_loss, {"q": q, "d": d, "q_mask": qm, "d_mask": dm}, backend="cpu",
@@ -378,7 +379,7 @@ def test_tiny_tile_budget_equals_one_tile(monkeypatch):
     for budget in ("64", "0.0005"):  # one tile / one query × one document per tile (and tiny backward blocks)
         monkeypatch.setenv("XLOSS_CPU_TILE_MB", budget)
         if budget != "64":
-            assert _cpu.tile_blocks(9, 5, 11, 7, 8) == (1, 1)
+            assert _chunked.tile_blocks(9, 5, 11, 7, 8) == (1, 1)
         for mode, direction in itertools.product(MODES, ("both",)):
             results.append(run(xloss.maxsim, tensors, backend="cpu", mask_mode=mode, direction=direction))
         pairs = {k: v for k, v in tensors.items()}
@@ -480,3 +481,73 @@ def test_fast_path_never_uses_the_4d_similarity(monkeypatch):
     assert all(torch.isfinite(t).all() for t in out)
     with pytest.raises(AssertionError, match="4-D|similarity"):
         reference.maxsim(q, d)
+
+
+# ----------------------------------------------------------------------------------- one path, new spellings
+def test_token_reduction_old_spellings_warn_and_agree():
+    """``reduction=`` (maxsim, maxsim_pairs) and ``score_reduction=`` (the loss) are the deprecated names of
+    ``token_reduction=``: same values, a DeprecationWarning; both spellings at once is a TypeError."""
+    q, d, qm, dm, qw, _ = make_inputs(nq=5, nd=5)
+    for fn in (xloss.maxsim, xloss.maxsim_pairs, reference.maxsim, reference.maxsim_pairs):
+        new = fn(q, d, qm, dm, q_weights=qw, token_reduction="mean")
+        with pytest.warns(DeprecationWarning, match=r"reduction= is deprecated.*token_reduction="):
+            old = fn(q, d, qm, dm, q_weights=qw, reduction="mean")
+        torch.testing.assert_close(old, new, rtol=0, atol=0)
+        with pytest.raises(TypeError, match="both"):
+            fn(q, d, qm, dm, reduction="mean", token_reduction="mean")
+    for fn in (xloss.late_interaction_loss, reference.late_interaction_loss):
+        new = fn(q, d, qm, dm, logit_scale=2.0, token_reduction="mean", reduction="sum")
+        with pytest.warns(DeprecationWarning, match=r"score_reduction= is deprecated.*token_reduction="):
+            old = fn(q, d, qm, dm, logit_scale=2.0, score_reduction="mean", reduction="sum")
+        torch.testing.assert_close(old, new, rtol=0, atol=0)
+        assert not torch.equal(new, fn(q, d, qm, dm, logit_scale=2.0, token_reduction="sum", reduction="sum"))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "chunked", "reference"])
+def test_loss_temperature_is_inverse_logit_scale(backend):
+    q, d, qm, dm, _, _ = make_inputs(nq=5, nd=5)
+    t = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    s = (1 / t).detach().requires_grad_(True)
+    by_t = xloss.late_interaction_loss(q, d, qm, dm, temperature=t, direction="both", backend=backend)
+    by_s = xloss.late_interaction_loss(q, d, qm, dm, logit_scale=s, direction="both", backend=backend)
+    torch.testing.assert_close(by_t, by_s, rtol=1e-14, atol=1e-14)
+    (gt,), (gs,) = torch.autograd.grad(by_t, t), torch.autograd.grad(by_s, s)
+    torch.testing.assert_close(gt, -gs / t.detach() ** 2)  # ds/dt = -1/t²
+    torch.testing.assert_close(xloss.late_interaction_loss(q, d, qm, dm, temperature=0.5, backend=backend),
+                               xloss.late_interaction_loss(q, d, qm, dm, logit_scale=2.0, backend=backend))
+
+
+def test_one_function_runs_every_public_path_through_the_ops(monkeypatch):
+    """maxsim, maxsim_pairs and the loss all run MaxSimFunction, which calls the sweep ops in eager mode."""
+    from xloss.late_interaction import MaxSimFunction, MaxSimOptions
+    from xloss.late_interaction import ops as li_ops
+
+    calls = []
+    fwd, bwd = li_ops.forward, li_ops.backward
+    monkeypatch.setattr(li_ops, "forward", lambda *a: calls.append(("fwd", a[-3], a[-2])) or fwd(*a))
+    monkeypatch.setattr(li_ops, "backward", lambda *a: calls.append(("bwd", a[-3], a[-2])) or bwd(*a))
+    q, d, qm, dm, _, _ = make_inputs(nq=4, nd=4)
+    q.requires_grad_(True)
+    for fn in (lambda: xloss.maxsim(q, d, qm, dm, direction="both", backend="cpu"),
+               lambda: xloss.maxsim_pairs(q, d, qm, dm, backend="cpu"),
+               lambda: xloss.late_interaction_loss(q, d, qm, dm, logit_scale=2.0, backend="cpu")):
+        fn().sum().backward()
+    assert calls == [("fwd", "chunked", False), ("bwd", "chunked", False), ("fwd", "chunked", True),
+                     ("bwd", "chunked", True), ("fwd", "chunked", False), ("bwd", "chunked", False)]
+    opts = MaxSimOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.engine = "triton"
+    assert hash(opts) == hash(MaxSimOptions())
+    assert MaxSimFunction.__module__ == "xloss.late_interaction"
+
+
+def test_module_token_reduction_and_old_name():
+    import xloss.nn as xnn
+
+    q, d, qm, dm, _, _ = make_inputs(nq=5, nd=5)
+    mod = xnn.LateInteractionLoss(logit_scale=2.0, token_reduction="mean")
+    torch.testing.assert_close(mod(q, d, qm, dm),
+                               xloss.late_interaction_loss(q, d, qm, dm, logit_scale=2.0, token_reduction="mean"))
+    with pytest.warns(DeprecationWarning, match="score_reduction"):
+        old = xnn.LateInteractionLoss(logit_scale=2.0, score_reduction="mean")
+    assert old.token_reduction == old.score_reduction == "mean" and "token_reduction='mean'" in repr(old)

@@ -92,14 +92,23 @@ COMMON = [
     ("direction-none", (q_(), d_()), {"direction": None}, ValueError, r"direction.*None"),
 ]
 
-# maxsim and maxsim_pairs: the token reduction is called "reduction"
+# maxsim and maxsim_pairs: the token reduction is "token_reduction" ("reduction", its deprecated old name, still
+# reaches the same check)
 SCORE_ONLY = [
+    ("token-reduction-unknown", (q_(), d_()), {"token_reduction": "max"}, ValueError,
+     r"token_reduction.*'sum'.*'mean'.*'max'"),
+    ("token-reduction-none-string", (q_(), d_()), {"token_reduction": "none"}, ValueError,
+     r"token_reduction.*'none'"),
     ("reduction-unknown", (q_(), d_()), {"reduction": "max"}, ValueError, r"reduction.*'sum'.*'mean'.*'max'"),
     ("reduction-none-string", (q_(), d_()), {"reduction": "none"}, ValueError, r"reduction.*'none'"),
 ]
 
 LOSS_ONLY = [
-    ("score-reduction-unknown", (q_(), d_()), {"score_reduction": "max"}, ValueError, r"score_reduction.*'max'"),
+    ("token-reduction-unknown", (q_(), d_()), {"token_reduction": "max"}, ValueError, r"token_reduction.*'max'"),
+    ("score-reduction-unknown", (q_(), d_()), {"score_reduction": "max"}, ValueError, r"token_reduction.*'max'"),
+    ("scale-and-temperature", (q_(), d_()), {"temperature": 0.5}, ValueError, r"logit_scale or temperature"),
+    ("temperature-zero", (q_(), d_()), {"logit_scale": None, "temperature": 0.0}, ValueError,
+     r"temperature must be positive"),
     ("reduction-unknown", (q_(), d_()), {"reduction": "avg"}, ValueError, r"reduction.*'avg'"),
     ("reduction-none-object", (q_(), d_()), {"reduction": None}, ValueError, r"reduction.*None"),
     ("labels-negative", (q_(), d_()), {"labels": torch.tensor([0, -1, 2])}, ValueError, r"labels.*\[0, 4\)"),

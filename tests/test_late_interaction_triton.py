@@ -288,7 +288,7 @@ def test_maxsim_public_vs_reference(direction, mask_mode, engine_calls):
 
     def run(backend):
         def f(q, d, q_wt, d_wt):
-            return xloss.maxsim(q, d, q_mask, d_mask, reduction=reduction, mask_mode=mask_mode, direction=direction,
+            return xloss.maxsim(q, d, q_mask, d_mask, token_reduction=reduction, mask_mode=mask_mode, direction=direction,
                                 q_weights=q_wt if direction != "d2q" else None,
                                 d_weights=d_wt if direction != "q2d" else None, backend=backend)
         return _grads(f, (q, d, q_wt, d_wt))
@@ -496,7 +496,7 @@ def test_maxsim_public_backward_uses_triton_route(direction, mask_mode, route_ca
 
     def run(backend):
         def f(q, d, q_wt, d_wt):
-            return xloss.maxsim(q, d, q_mask, d_mask, reduction="mean", mask_mode=mask_mode, direction=direction,
+            return xloss.maxsim(q, d, q_mask, d_mask, token_reduction="mean", mask_mode=mask_mode, direction=direction,
                                 q_weights=q_wt if direction != "d2q" else None,
                                 d_weights=d_wt if direction != "q2d" else None, backend=backend)
         return _grads(f, (q, d, q_wt, d_wt))
@@ -533,7 +533,7 @@ def test_late_interaction_loss_both_uses_triton_route(route_calls, scatter_mode)
 
 
 def test_maxsim_public_fp16_backward_uses_triton_route(route_calls):
-    """fp16 inputs reach the Triton route in fp16 (no upcast copy); gradients as the cpu backend's."""
+    """fp16 inputs reach the Triton route in fp16 (no upcast copy); gradients as the chunked backend's."""
     import xloss
 
     q, d, q_mask, d_mask, _, _ = _public_inputs(17)
@@ -549,3 +549,19 @@ def test_maxsim_public_fp16_backward_uses_triton_route(route_calls):
     for g, rg in zip(grads, r_grads):
         assert g.dtype == torch.float16
         torch.testing.assert_close(g.float(), rg.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_public_float64_explicit_triton_raises_and_auto_runs_chunked(monkeypatch):
+    """An explicit backend="triton" with float64 raises the engine's own TypeError (through the op); "auto"
+    takes the chunked engine for float64 (and for CPU tensors at all)."""
+    import xloss
+
+    monkeypatch.delenv("XLOSS_BACKEND", raising=False)
+    q = torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE)
+    d = torch.randn(3, 2, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        xloss.maxsim(q, d, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        xloss.late_interaction_loss(q, d, logit_scale=1.0, backend="triton")
+    torch.testing.assert_close(xloss.maxsim(q, d, direction="both"),
+                               xloss.maxsim(q, d, direction="both", backend="reference"))

@@ -1,7 +1,7 @@
 """The compiled CPU MaxSim op ``xloss::maxsim_q2d`` (xloss/csrc/cpu/maxsim.cpp) and its dispatch.
 
 Checked against ``xloss.reference.maxsim`` in fp64 (values and gradients) and against the PyTorch tile loop
-of ``xloss.late_interaction.cpu`` (the same scores, arg-max indices and maxima), for every option the op covers,
+of ``xloss.late_interaction.chunked`` (the same scores, arg-max indices and maxima), for every option the op covers,
 ragged prefix masks and scattered masks, empty documents, ties, odd shapes, bf16 inputs, opcheck, bad input and
 the ``XLOSS_NO_EXT=1`` fallback.
 """
@@ -18,7 +18,7 @@ import torch
 
 import xloss
 from xloss import _ext, reference
-from xloss.late_interaction import cpu
+from xloss.late_interaction import chunked
 from xloss.reference.late_interaction import token_weights
 
 pytestmark = pytest.mark.skipif(
@@ -58,11 +58,11 @@ def _engine_both(q, d, qm, dm, zero, pairs, need_aux, reduction="sum", weights=N
     qv = torch.ones(q.shape[:2], dtype=torch.bool) if qm is None else qm
     dv = torch.ones(d.shape[:2], dtype=torch.bool) if dm is None else dm
     qw = token_weights(qv, weights, reduction, acc)
-    fwd = cpu.maxsim_pairs_fwd if pairs else cpu.maxsim_fwd
-    assert cpu._use_op(q, True, False)
+    fwd = chunked.maxsim_pairs_fwd if pairs else chunked.maxsim_fwd
+    assert chunked._use_op(q, True, False)
     got = fwd(q, d, qw, None, qv, dv, zero, True, False, need_aux=need_aux)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_use_op", lambda *a: False)
+        mp.setattr(chunked, "_use_op", lambda *a: False)
         want = fwd(q, d, qw, None, qv, dv, zero, True, False, need_aux=need_aux)
     return got, want
 
@@ -95,7 +95,7 @@ def test_engine_matches_tile_loop(shape, mask, zero, pairs):
 def test_maxsim_matches_reference_fp64(reduction, mask_mode, weighted, mask):
     q, d, qm, dm = _inputs(3, 9, 6, 21, 11, mask=mask, q_mask=True, seed=1)
     qw = torch.rand(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) if weighted else None
-    opts = {"reduction": reduction, "mask_mode": mask_mode, "q_weights": qw}
+    opts = {"token_reduction": reduction, "mask_mode": mask_mode, "q_weights": qw}
     leaves = [q, d] + ([qw] if weighted else [])
     for t in leaves:
         t.requires_grad_(True)
@@ -123,8 +123,8 @@ def test_pairs_match_reference_fp64(mask_mode):
     q, d, qm, dm = _inputs(5, 7, 5, 19, 9, q_mask=True, seed=2)
     q.requires_grad_(True)
     d.requires_grad_(True)
-    got = xloss.maxsim_pairs(q, d, qm, dm, mask_mode=mask_mode, reduction="mean", backend="cpu")
-    want = reference.maxsim_pairs(q, d, qm, dm, mask_mode=mask_mode, reduction="mean")
+    got = xloss.maxsim_pairs(q, d, qm, dm, mask_mode=mask_mode, token_reduction="mean", backend="cpu")
+    want = reference.maxsim_pairs(q, d, qm, dm, mask_mode=mask_mode, token_reduction="mean")
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     g = torch.randn(5, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(got, (q, d), g), torch.autograd.grad(want, (q, d), g)):
@@ -145,7 +145,7 @@ def test_gradients_equal_old_path(dtype, mask_mode):
 
     got = run()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_use_op", lambda *a: False)
+        mp.setattr(chunked, "_use_op", lambda *a: False)
         want = run()
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for a, b in zip(got, want):
@@ -214,7 +214,7 @@ def test_opcheck():
 def test_op_under_torch_compile():
     q, d, qm, dm = _inputs(2, 5, 3, 7, 4, dtype=torch.float32, q_mask=True)
     qw = qm.float()
-    cpu._use_op(q, True, False)  # registers the fake kernel
+    chunked._use_op(q, True, False)  # registers the fake kernel
 
     def f(q, d):
         return OP(q, d, qw, qm, dm, False, False, True)[0] * 2
@@ -247,10 +247,10 @@ def test_no_ext_fallback_subprocess():
         """
         import torch, xloss
         from xloss import _ext, reference
-        from xloss.late_interaction import cpu
+        from xloss.late_interaction import chunked
         q, d = torch.randn(2, 7, 5, dtype=torch.float64), torch.randn(3, 9, 5, dtype=torch.float64)
         dm = torch.arange(9)[None] < torch.tensor([9, 0, 4])[:, None]
-        assert not _ext.has_op("maxsim_q2d") and not cpu._use_op(q, True, False)
+        assert not _ext.has_op("maxsim_q2d") and not chunked._use_op(q, True, False)
         torch.testing.assert_close(xloss.maxsim(q, d, None, dm, backend="cpu"), reference.maxsim(q, d, None, dm))
         print("fallback ok")
         """
@@ -265,8 +265,8 @@ def test_no_ext_fallback_subprocess():
 def test_uncovered_options_use_tile_loop(monkeypatch):
     """d2q / both are not covered by the op: the tile loop runs (and still matches the reference)."""
     calls = []
-    real = cpu._op_fwd
-    monkeypatch.setattr(cpu, "_op_fwd", lambda *a: calls.append(1) or real(*a))
+    real = chunked._op_fwd
+    monkeypatch.setattr(chunked, "_op_fwd", lambda *a: calls.append(1) or real(*a))
     q, d, qm, dm = _inputs(2, 5, 3, 7, 4, q_mask=True)
     for direction in ("d2q", "both"):
         torch.testing.assert_close(xloss.maxsim(q, d, qm, dm, direction=direction, backend="cpu"),

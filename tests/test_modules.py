@@ -184,9 +184,9 @@ def test_late_interaction_module_equals_function():
     learn = xnn.LateInteractionLoss(learnable_scale=True, init_logit_scale=0.5).double()
     _close(learn(q, d), xloss.late_interaction_loss(q, d, logit_scale=learn.logit_scale.detach().exp()))
     labels = torch.tensor([4, 0, 2])
-    _close(xnn.LateInteractionLoss(temperature=0.5, reduction="none", score_reduction="mean")(q, d, labels=labels),
+    _close(xnn.LateInteractionLoss(temperature=0.5, reduction="none", token_reduction="mean")(q, d, labels=labels),
            xloss.late_interaction_loss(q, d, logit_scale=2.0, labels=labels, reduction="none",
-                                       score_reduction="mean"))
+                                       token_reduction="mean"))
 
 
 def test_gram_module_equals_function():
@@ -203,18 +203,21 @@ def test_gram_module_equals_function():
     ref.backward()
     _close(loss, ref)
     _close(mod.logit_scale.grad, t.grad)
+    labels = torch.tensor([4, 4, 0, 1])  # 4 anchors, 5 samples, a duplicate positive
+    _close(xnn.GramLoss(temperature=0.5, reduction="none")(a[:4], b, c, labels=labels),
+           xloss.gram_loss(a[:4], b, c, logit_scale=2.0, labels=labels, reduction="none"))
 
 
 def test_symile_module_equals_function():
     g = torch.Generator().manual_seed(8)
     reps = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(3)]
     mod = xnn.SymileLoss(logit_scale=3.0, negative_sampling="n_squared")
-    want = xloss.symile_loss(reps, logit_scale=3.0, negative_sampling="n_squared")
+    want = xloss.symile_loss(*reps, logit_scale=3.0, negative_sampling="n_squared")
     _close(mod(reps), want)
     _close(mod(*reps), want)
     # "n" sampling draws from the generator: the same seed gives the same loss
     a = xnn.SymileLoss()(reps, generator=torch.Generator().manual_seed(1))
-    _close(a, xloss.symile_loss(reps, generator=torch.Generator().manual_seed(1)))
+    _close(a, xloss.symile_loss(*reps, generator=torch.Generator().manual_seed(1)))
 
 
 # ------------------------------------------------------------------------------------ constructor checks
@@ -237,7 +240,7 @@ def test_symile_module_equals_function():
     (lambda: xnn.LateInteractionLoss(), ValueError, "needs a scale"),
     (lambda: xnn.LateInteractionLoss(logit_scale=1.0, direction="qd"), ValueError, "direction"),
     (lambda: xnn.LateInteractionLoss(logit_scale=1.0, mask_mode="pad"), ValueError, "mask_mode"),
-    (lambda: xnn.LateInteractionLoss(logit_scale=1.0, score_reduction="max"), ValueError, "score_reduction"),
+    (lambda: xnn.LateInteractionLoss(logit_scale=1.0, token_reduction="max"), ValueError, "token_reduction"),
     (lambda: xnn.GramLoss(), ValueError, "needs a scale"),
     (lambda: xnn.GramLoss(temperature=0.07, eps=-1.0), ValueError, "eps"),
     (lambda: xnn.GramLoss(temperature=0.07, stopgrad_gathered="yes"), TypeError, "stopgrad_gathered"),

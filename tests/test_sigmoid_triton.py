@@ -15,14 +15,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on CPU tensors
-else:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # TRITON_INTERPRET=0 runs the compiled kernels
-
 import pytest
+import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed: the triton backend of sigmoid_loss cannot be tested", allow_module_level=True)
@@ -32,7 +26,7 @@ import torch.nn.functional as F
 import xloss
 from xloss.sigmoid import triton as tri
 
-INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # set by tests/conftest.py
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 # (N, M, D): N != M, D below / at / across the interpreter tile (SINGLE_D up to 32, chunks of 32 beyond),

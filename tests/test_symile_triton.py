@@ -26,7 +26,7 @@ if importlib.util.find_spec("triton") is None:
 import xloss
 from xloss import reference as R
 from xloss import symile
-from xloss.symile import cpu as _cpu
+from xloss.symile import chunked as _cpu
 from xloss.symile import triton as tri
 
 INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
@@ -60,7 +60,7 @@ def test_values_and_grads(m, n, d, reduction):
     g_want = torch.autograd.grad(want, [*reps, s], go)
     ins = _as(reps, torch.float32)
     s32 = s.detach().float().to(DEVICE).requires_grad_()
-    got = xloss.symile_loss(ins, s32, "n_squared", reduction=reduction, backend="triton")
+    got = xloss.symile_loss(*ins, logit_scale=s32, negative_sampling="n_squared", reduction=reduction, backend="triton")
     assert got.shape == want.shape and got.dtype == torch.float32
     assert _rel(got, want, floor=1.0) < 1e-5
     g_got = torch.autograd.grad(got, [*ins, s32], go.float().to(DEVICE))
@@ -88,9 +88,10 @@ def test_no_grad_and_partial_grads():
     g_want = torch.autograd.grad(want, reps[1])[0]
     ins = _as(reps, torch.float32)
     with torch.no_grad():
-        got = xloss.symile_loss(ins, 2.0, "n_squared", backend="triton")
+        got = xloss.symile_loss(*ins, logit_scale=2.0, negative_sampling="n_squared", backend="triton")
     assert not got.requires_grad and _rel(got, want.detach(), floor=1.0) < 1e-5
-    got = xloss.symile_loss([ins[0].detach(), ins[1], ins[2].detach()], 2.0, "n_squared", backend="triton")
+    got = xloss.symile_loss(ins[0].detach(), ins[1], ins[2].detach(), logit_scale=2.0, negative_sampling="n_squared",
+                            backend="triton")
     assert _rel(torch.autograd.grad(got, ins[1])[0], g_want) < 1e-4
 
 
@@ -100,7 +101,7 @@ def test_fp16_inputs():
     hd = [x.detach().double().cpu().requires_grad_() for x in h]
     want = R.symile_loss(hd, 2.0, "n_squared")
     g_want = torch.autograd.grad(want, hd)
-    got = xloss.symile_loss(h, 2.0, "n_squared", backend="triton")
+    got = xloss.symile_loss(*h, logit_scale=2.0, negative_sampling="n_squared", backend="triton")
     assert got.dtype == torch.float32 and _rel(got, want, floor=1.0) < 1e-3  # TF32 dots
     for x, y in zip(torch.autograd.grad(got, h), g_want):
         assert x.dtype == torch.float16 and _rel(x, y) < 1e-2
@@ -111,7 +112,7 @@ def test_bf16_inputs():  # pragma: no cover (GPU machines)
     reps = _reps(3, 33, 40, seed=6)
     b = _as(reps, torch.bfloat16)
     want = R.symile_loss([x.detach().double().cpu() for x in b], 2.0, "n_squared")
-    got = xloss.symile_loss(b, 2.0, "n_squared", backend="triton")
+    got = xloss.symile_loss(*b, logit_scale=2.0, negative_sampling="n_squared", backend="triton")
     assert _rel(got, want, floor=1.0) < 1e-2
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(got, b))
 
@@ -122,7 +123,7 @@ def test_large_scale_is_stable():
     want = R.symile_loss(reps, 50.0, "n_squared")
     g_want = torch.autograd.grad(want, reps)
     ins = _as(reps, torch.float32)
-    got = xloss.symile_loss(ins, 50.0, "n_squared", backend="triton")
+    got = xloss.symile_loss(*ins, logit_scale=50.0, negative_sampling="n_squared", backend="triton")
     assert torch.isfinite(got) and _rel(got, want, floor=1.0) < 1e-5
     for x, y in zip(torch.autograd.grad(got, ins), g_want):
         assert torch.isfinite(x).all() and _rel(x, y) < 1e-4
@@ -131,16 +132,16 @@ def test_large_scale_is_stable():
 def test_backend_resolution_and_limits(monkeypatch):
     reps = [r.detach().to(DEVICE) for r in _reps(5, 2, 3, seed=8)]
     with pytest.raises(TypeError, match="float64"):  # also a RuntimeError, as a backend that cannot run
-        xloss.symile_loss(reps[:3], 1.0, "n_squared", backend="triton")
+        xloss.symile_loss(*reps[:3], logit_scale=1.0, negative_sampling="n_squared", backend="triton")
     with pytest.raises(ValueError, match="M = 3 or 4"):
-        xloss.symile_loss([r.float() for r in reps], 1.0, "n_squared", backend="triton")
-    assert symile._engine("triton", [r.float() for r in reps[:3]])[1] is tri
-    assert symile._engine("auto", [r.float() for r in reps[:3]])[1] is (tri if DEVICE == "cuda" else _cpu)
-    monkeypatch.setenv("XLOSS_BACKEND", "triton")  # "auto" through the environment: unsupported cases stay on cpu
-    assert symile._engine("auto", [r.float() for r in reps[:4]])[1] is tri
-    assert symile._engine("auto", [r.float() for r in reps])[1] is _cpu  # M = 5
-    assert symile._engine("auto", reps[:3])[1] is _cpu  # float64
-    got = xloss.symile_loss(reps, 1.0, "n_squared")  # M = 5 through the cpu engine
+        xloss.symile_loss(*[r.float() for r in reps], logit_scale=1.0, negative_sampling="n_squared", backend="triton")
+    assert symile._engine("triton", [r.float() for r in reps[:3]]) == "triton"
+    assert symile._engine("auto", [r.float() for r in reps[:3]]) == ("triton" if DEVICE == "cuda" else "chunked")
+    monkeypatch.setenv("XLOSS_BACKEND", "triton")  # "auto" through the environment: unsupported cases stay chunked
+    assert symile._engine("auto", [r.float() for r in reps[:4]]) == "triton"
+    assert symile._engine("auto", [r.float() for r in reps]) == "chunked"  # M = 5
+    assert symile._engine("auto", reps[:3]) == "chunked"  # float64
+    got = xloss.symile_loss(*reps, logit_scale=1.0, negative_sampling="n_squared")  # M = 5 through the cpu engine
     torch.testing.assert_close(got.cpu(), R.symile_loss([r.cpu() for r in reps], 1.0, "n_squared"), rtol=0,
                                atol=1e-12)
 
@@ -148,5 +149,5 @@ def test_backend_resolution_and_limits(monkeypatch):
 def test_n_sampling_is_the_package_whatever_the_backend():
     reps = [r.detach().float().to(DEVICE) for r in _reps(3, 6, 4, seed=9)]
     perms = R.symile.draw_permutations(3, 6, torch.Generator().manual_seed(1))
-    got = xloss.symile_loss(reps, 2.0, "n", permutations=perms, backend="triton")
+    got = xloss.symile_loss(*reps, logit_scale=2.0, negative_sampling="n", permutations=perms, backend="triton")
     assert torch.equal(got, R.symile_loss(reps, 2.0, "n", permutations=perms))

@@ -7,22 +7,27 @@ Public API::
     xloss.maxsim_pairs(q, d, ...)                      # query a against document a, [N]
     xloss.late_interaction_loss(q, d, logit_scale=...) # MaxSim scores, then cross-entropy
     xloss.sigmoid_loss(query, key, logit_scale=s, logit_bias=b)  # SigLIP, gradients in one sweep
-    xloss.symile_loss([x, y, z], logit_scale=...)      # Symile (multilinear inner product), n_squared streamed
+    xloss.symile_loss(x, y, z, logit_scale=...)        # Symile (multilinear inner product), n_squared streamed
     xloss.banzhaf_interaction(sim, p, q, ...)          # HBI Monte-Carlo Banzhaf interaction [B, T, V]
     xloss.gram_loss(a, x, y, temperature=0.07)        # GRAM (Gram volume), no [N, N, k, k] tensor
     xloss.reference.info_nce(...)                      # the naive definition (the spec)
     xloss.nn.ClipLoss(...), xloss.nn.SigLipLoss(...)   # open_clip drop-ins; InfoNCELoss, ... modules
     xloss.available_backends()                         # what this machine can run
 
+Every public loss follows one signature rule (``xloss/_api.py``): the tensors first, then keyword-only
+``logit_scale`` | ``temperature``, ``labels``, the family's options, ``label_smoothing``, ``reduction``,
+``backend`` (and ``group``, ``exchange``, ``grad_reduction`` across ranks).  ``backend`` names an engine of the
+one dispatch table (``xloss/_dispatch.py``): "auto", "triton", "chunked", "compiled", "reference".
+
 See README.md and SPEC.md for the formulas.
 """
 
 from . import nn, reference
-from ._backend import available_backends
+from ._dispatch import available_backends
 from ._version import __version__
 from .banzhaf import banzhaf_interaction
 from .gram import gram_loss, gram_volume
-from .info_nce import info_nce
+from .infonce import info_nce
 from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
 from .sigmoid import sigmoid_loss
 from .symile import symile_loss

@@ -27,12 +27,13 @@ import numbers
 import torch
 from torch import nn
 
-from . import _backend, _checks
+from . import _checks, _dispatch
+from ._api import renamed as _renamed  # (late interaction: score_reduction= → token_reduction=)
 from .gram import gram_loss as _gram_loss
-from .info_nce import info_nce as _info_nce
+from .infonce import info_nce as _info_nce
 from .late_interaction import DIRECTIONS as _LI_DIRECTIONS
 from .late_interaction import MASK_MODES as _LI_MASK_MODES
-from .late_interaction import REDUCTIONS as _LI_SCORE_REDUCTIONS
+from .late_interaction import TOKEN_REDUCTIONS as _LI_TOKEN_REDUCTIONS
 from .late_interaction import late_interaction_loss as _late_interaction_loss
 from .symile import SAMPLINGS as _SYMILE_SAMPLINGS
 from .symile import symile_loss as _symile_loss
@@ -63,8 +64,8 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def _check_backend(backend) -> None:
-    if backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    if backend not in _dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
 
 
 def _check_positive(name: str, value) -> float:
@@ -161,7 +162,7 @@ class ClipLoss(nn.Module):
     True, False             ``L_r``          row terms of L_r only   ``∂L_r/∂s``      gather, one-way
     ======================  ===============  ======================  ===============  ======================
 
-    How: ``xloss.info_nce(..., group=WORLD)`` returns ``L`` with the exact ``∂L/∂x_r`` and this rank's share of
+    How: ``xloss.info_nce(..., group=WORLD, grad_reduction="sum")`` returns ``L`` with the exact ``∂L/∂x_r`` and this rank's share of
     ``∂L/∂s`` (the shares sum to ``∂L/∂s``).  Rows 1-2: the module sums the ``logit_scale`` shares over the
     ranks in backward (open_clip computes the whole loss on every rank) and multiplies the feature gradients
     by ``W`` where open_clip's gather-with-gradient does.  Row 3: ``reduction="none"`` gives this rank's
@@ -248,7 +249,7 @@ class ClipLoss(nn.Module):
             # same grad_output 1/N on every rank xloss differentiates Σ_r L_r = W·L: W·∂L/∂x_r for the
             # features and ∂L_r/∂s (this rank's rows) for the scale, exactly open_clip's per-rank gradients.
             terms = _info_nce(image_features, text_features, logit_scale=logit_scale, reduction="none",
-                              backend=self.backend, group=group)
+                              backend=self.backend, group=group, grad_reduction="sum")
             return terms.mean()
         if self.gather_with_grad:  # open_clip's gather-with-gradient sums every rank's copy of L: W·∂L/∂x_r
             image_features = _ScaleGrad.apply(image_features, float(w))
@@ -256,7 +257,8 @@ class ClipLoss(nn.Module):
         scale = logit_scale
         if isinstance(scale, torch.Tensor) and scale.requires_grad:  # every open_clip rank gets the full ∂L/∂s
             scale = _AllReduceGrad.apply(scale, group)
-        return _info_nce(image_features, text_features, logit_scale=scale, backend=self.backend, group=group)
+        return _info_nce(image_features, text_features, logit_scale=scale, backend=self.backend, group=group,
+                         grad_reduction="sum")
 
 
 _SIGLIP_EXCHANGE = {"bidir": "ring", "shift": "ring", "reduce": "all_gather", "gather": "all_gather"}
@@ -320,7 +322,7 @@ class SigLipLoss(nn.Module):
             # This rank's row sums; their sum over N is open_clip's L_r, and the same grad_output 1/N on every
             # rank makes xloss differentiate Σ_r L_r: open_clip's per-rank gradients exactly.
             rows = sigmoid_loss(image_features, text_features, logit_scale=logit_scale, logit_bias=logit_bias,
-                                reduction="none", backend=self.backend, group=group,
+                                reduction="none", backend=self.backend, group=group, grad_reduction="sum",
                                 exchange=_SIGLIP_EXCHANGE[self.dist_impl])
             loss = rows.sum() / image_features.shape[0]
         return {"contrastive_loss": loss} if output_dict else loss
@@ -440,43 +442,49 @@ class LateInteractionLoss(_ScaledLoss):
     Args:
         logit_scale / temperature / learnable_scale (+ ``init_logit_scale``, ``max_logit_scale``): the scale;
             one is required (ColBERT uses ``logit_scale=1``).
-        direction, label_smoothing, reduction, mask_mode, score_reduction, backend: as the function.
+        direction, label_smoothing, reduction, mask_mode, token_reduction, backend: as the function
+            (``score_reduction=`` is the deprecated old name of ``token_reduction=``, for one release).
 
     Forward:
         ``q [Nq, Lq, D]``, ``d [Nd, Ld, D]``, optional ``q_mask [Nq, Lq]``, ``d_mask [Nd, Ld]`` (bool),
         ``labels [Nq]``, ``q_weights``, ``d_weights`` and ``logit_scale`` (overrides a fixed scale).
     """
 
+    @_renamed(score_reduction="token_reduction")
     def __init__(self, *, logit_scale=None, temperature=None, learnable_scale: bool = False,
                  init_logit_scale: float = _CLIP_INIT, max_logit_scale: float | None = 100.0,
                  direction: str = "q2d", label_smoothing: float = 0.0, reduction: str = "mean",
-                 mask_mode: str = "exclude", score_reduction: str | None = None, backend: str = "auto"):
+                 mask_mode: str = "exclude", token_reduction: str | None = None, backend: str = "auto"):
         super().__init__(logit_scale, temperature, learnable_scale, init_logit_scale, max_logit_scale, required=True)
         _checks.check_choice("direction", direction, _LI_DIRECTIONS)
         _checks.check_label_smoothing(label_smoothing)
         _checks.check_reduction(reduction)
         _checks.check_choice("mask_mode", mask_mode, _LI_MASK_MODES)
-        if score_reduction is not None:
-            _checks.check_choice("score_reduction", score_reduction, _LI_SCORE_REDUCTIONS)
+        if token_reduction is not None:
+            _checks.check_choice("token_reduction", token_reduction, _LI_TOKEN_REDUCTIONS)
         _check_backend(backend)
         self.direction = direction
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
         self.mask_mode = mask_mode
-        self.score_reduction = score_reduction
+        self.token_reduction = token_reduction
         self.backend = backend
+
+    @property
+    def score_reduction(self):  # the old name of token_reduction, for one release
+        return self.token_reduction
 
     def extra_repr(self) -> str:
         return (f"{self._scale_repr()}, direction={self.direction!r}, label_smoothing={self.label_smoothing}, "
                 f"reduction={self.reduction!r}, mask_mode={self.mask_mode!r}, "
-                f"score_reduction={self.score_reduction!r}, backend={self.backend!r}")
+                f"token_reduction={self.token_reduction!r}, backend={self.backend!r}")
 
     def forward(self, q, d, q_mask=None, d_mask=None, labels=None, *, q_weights=None, d_weights=None,
                 logit_scale=None):
         return _late_interaction_loss(
             q, d, q_mask, d_mask, logit_scale=self._resolve(logit_scale, q.device), labels=labels,
             direction=self.direction, label_smoothing=self.label_smoothing, reduction=self.reduction,
-            mask_mode=self.mask_mode, score_reduction=self.score_reduction, q_weights=q_weights,
+            mask_mode=self.mask_mode, token_reduction=self.token_reduction, q_weights=q_weights,
             d_weights=d_weights, backend=self.backend,
         )
 
@@ -491,7 +499,8 @@ class GramLoss(_ScaledLoss):
             function.
 
     Forward:
-        ``anchor [N, D]`` and 1 to 4 more ``[N, D]`` tensors; optional ``logit_scale`` (overrides a fixed one).
+        ``anchor [N1, D]`` and 1 to 4 more ``[N2, D]`` tensors (``N1 == N2`` without labels); optional
+        ``labels [N1]`` (each anchor's positive sample) and ``logit_scale`` (overrides a fixed one).
     """
 
     def __init__(self, *, temperature=None, logit_scale=None, learnable_scale: bool = False,
@@ -518,9 +527,10 @@ class GramLoss(_ScaledLoss):
                 f"stopgrad_gathered={self.stopgrad_gathered}, eps={self.eps}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}")
 
-    def forward(self, anchor, *others, logit_scale=None):
+    def forward(self, anchor, *others, labels=None, logit_scale=None):
         s = self._resolve(logit_scale, anchor.device)
-        return _gram_loss(anchor, *others, temperature=1.0 / s, label_smoothing=self.label_smoothing,
+        # (temperature=1/s, as in earlier releases: the same numbers bit for bit)
+        return _gram_loss(anchor, *others, temperature=1.0 / s, labels=labels, label_smoothing=self.label_smoothing,
                           stopgrad_gathered=self.stopgrad_gathered, eps=self.eps, reduction=self.reduction,
                           backend=self.backend)
 
@@ -558,7 +568,7 @@ class SymileLoss(_ScaledLoss):
         if not reps:
             raise ValueError("SymileLoss.forward needs the modalities: a list of [N, D] tensors or M tensors")
         s = self._resolve(logit_scale, reps[0].device if isinstance(reps[0], torch.Tensor) else None)
-        return _symile_loss(list(reps), logit_scale=1.0 if s is None else s,
+        return _symile_loss(*reps, logit_scale=1.0 if s is None else s,
                             negative_sampling=self.negative_sampling, permutations=permutations,
                             generator=generator, reduction=self.reduction, backend=self.backend)
 

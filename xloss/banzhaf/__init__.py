@@ -2,50 +2,40 @@
 
 HBI computes its distillation targets with ``T·V·num_samples`` Python iterations of a dozen small tensor ops
 each (``xloss.reference.banzhaf``).  ``banzhaf_interaction`` evaluates every (batch row, word i, frame j,
-sample) in one call:
+sample) in one call, with the engine that ``xloss._dispatch`` picks:
 
-* the compiled op ``torch.ops.xloss.banzhaf_interaction`` (``xloss/csrc/cpu/banzhaf.cpp``, OpenMP; and
-  ``xloss/csrc/cuda/banzhaf.cu``, one thread per (b, i, j), when built with CUDA);
-* otherwise ``cpu.py``: the same values with vectorised PyTorch, chunked over (i, j, sample).
+* ``"compiled"`` (``compiled.py``, alias ``"cuda"``): the op ``torch.ops.xloss.banzhaf_interaction``
+  (``xloss/csrc/cpu/banzhaf.cpp``, OpenMP; and ``xloss/csrc/cuda/banzhaf.cu``, one thread per (b, i, j), when
+  built with CUDA); ``"auto"`` takes it wherever it is built for the tensors' device;
+* ``"chunked"`` (``chunked.py``, alias ``"cpu"``): the same values with vectorised PyTorch, chunked over
+  (i, j, sample), on any device; ``"auto"`` falls back to it;
+* ``"reference"``: HBI's loop, ported.
+
+Both engines implement :class:`~xloss.banzhaf.engine.BanzhafEngine`.  The result is a target, not a loss: it
+has no gradient, so this family has no autograd Function (and no custom ops besides the compiled one); it is
+computed under ``no_grad`` from detached inputs and never requires grad.
 
 Coalitions come from a counter-based hash of ``(seed, b, i, j, sample, element)`` (``xloss/csrc/banzhaf.h``,
-re-implemented in ``cpu.py``), so one seed gives the same coalitions on every path and device; the seed is one
-int64 drawn from ``generator`` (or torch's default CPU generator: reproducible under ``torch.manual_seed``).
+re-implemented in ``chunked.py``), so one seed gives the same coalitions on every engine and device; the seed is
+one int64 drawn from ``generator`` (or torch's default CPU generator: reproducible under ``torch.manual_seed``).
 Explicit coalitions can be passed instead (tests).
-
-The result is a target: it is computed under ``no_grad`` from detached inputs and never requires grad.
 """
 
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 
-from .. import _checks, _ext
+from .. import _checks, _dispatch
 from ..reference import banzhaf as _reference
-from . import cpu as _cpu
+from . import chunked as _chunked
+from .compiled import OP, cuda_op_available, op_available
 
 MODES = ("hbi", "textbook")
-BACKENDS = ("auto", "cpu", "cuda", "reference")
-OP = "banzhaf_interaction"
+BACKENDS = _dispatch.BACKENDS  # "auto", the engines ("compiled", "chunked", "reference"; "triton" has no
+#                                route here) and the old names "cpu" (= "chunked") and "cuda" (= "compiled")
 DEFAULT_SAMPLES = 100  # HBI's
-
-
-def _fake(sim, text_weight, video_weight, text_mask, video_mask, num_samples, seed, coalitions, mode):
-    return sim.new_empty(sim.shape)
-
-
-def op_available() -> bool:
-    """True when ``torch.ops.xloss.banzhaf_interaction`` is loaded (building the extension on first call); its
-    fake kernel is registered then (registering needs the schema, so it cannot happen at import)."""
-    return _ext.has_op(OP, fake=_fake)
-
-
-def cuda_op_available() -> bool:
-    """True when the compiled op has a CUDA kernel (a CUDA build of torch with nvcc found at build time)."""
-    return op_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"xloss::{OP}", "CUDA")
 
 
 def _check_shape(name: str, t, shape: tuple, what: str, dtype_kind: str) -> None:
@@ -77,7 +67,7 @@ def _check(sim, text_weight, video_weight, text_mask, video_mask, num_samples, m
         if t is not None and t.device != dev:
             raise ValueError(f"{name} must be on sim's device ({dev}), got {t.device}")
     _checks.check_choice("mode", mode, MODES)
-    _checks.check_choice("backend", backend, BACKENDS)
+    _dispatch.canonical(backend)  # ValueError for an unknown name
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if num_samples is not None:
@@ -111,27 +101,6 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
 
 
-def _path(backend: str, device: torch.device) -> str:
-    """"op" (compiled), "torch" (cpu.py) or "reference" for a backend choice and tensors on ``device``."""
-    if backend == "auto":
-        env = os.environ.get("XLOSS_BACKEND", "").strip()
-        if env in ("cpu", "cuda", "reference"):
-            return _path(env, device)
-        if device.type == "cuda":
-            return "op" if cuda_op_available() else "torch"
-        return "op" if device.type == "cpu" and op_available() else "torch"
-    if backend == "cpu":
-        return "op" if device.type == "cpu" and op_available() else "torch"
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise RuntimeError(f"backend='cuda' (the compiled CUDA op) needs CUDA tensors, got {device}")
-        if not cuda_op_available():
-            why = _ext.error() or "torch was built without CUDA or nvcc was not found when the ops were built"
-            raise RuntimeError(f"backend='cuda': the compiled CUDA op banzhaf_interaction is not available ({why})")
-        return "op"
-    return "reference"
-
-
 def banzhaf_interaction(
     sim: torch.Tensor,
     text_weight: torch.Tensor,
@@ -155,6 +124,9 @@ def banzhaf_interaction(
 
     HBI passes ``1000 * sim`` (its loop scales the logits by 1000): do the same to reproduce its targets.
 
+    A distillation target, not a loss: it has no gradient, so no autograd Function stands behind it; the engine
+    that ``xloss._dispatch`` picks runs under ``no_grad``.
+
     Args:
         sim: ``[B, T, V]`` float word-frame similarities.
         text_weight: ``[B, T]`` float word weights (HBI: softmax over the valid words).
@@ -168,10 +140,11 @@ def banzhaf_interaction(
         coalitions: explicit coalitions instead of sampling: bool or uint8 ``[B, T, V, num_samples, T + V]``,
             entry ``[b, i, j, s, t]`` = word t in sample s of pair (i, j), ``[b, i, j, s, T + v]`` = frame v;
             bits of i, j and of padded positions are ignored.
-        backend: ``"auto"`` (compiled op when loaded, on CPU or CUDA tensors, else the PyTorch path),
-            ``"cpu"`` (compiled CPU op for CPU tensors, else the PyTorch path), ``"cuda"`` (the compiled CUDA op,
-            RuntimeError when it is not built), ``"reference"`` (the loop port; it samples with
-            ``torch.rand`` on ``generator``, so its random coalitions differ from the other paths').
+        backend: ``"auto"`` (the compiled op where it is built for sim's device, else the chunked PyTorch
+            engine), ``"compiled"`` (alias ``"cuda"``: the compiled op, on CPU or CUDA tensors; RuntimeError
+            where it is not built), ``"chunked"`` (alias ``"cpu"``: vectorised PyTorch, any device) or
+            ``"reference"`` (the loop port; it samples with ``torch.rand`` on ``generator``, so its random
+            coalitions differ from the engines').
 
     Returns:
         ``[B, T, V]`` in sim's dtype (computed in fp32, fp64 for fp64), zero outside ``text_mask ⊗ video_mask``,
@@ -179,17 +152,18 @@ def banzhaf_interaction(
 
     Raises:
         TypeError, ValueError: bad arguments (the message names the argument and the shapes).
-        RuntimeError: ``backend="cuda"`` where the compiled CUDA op is not available.
+        RuntimeError: ``backend="compiled"`` (or ``"cuda"``) where the compiled op is not available for sim's
+            device.
     """
     samples = _check(sim, text_weight, video_weight, text_mask, video_mask, num_samples, mode, generator,
                      coalitions, backend)
     b, t_len, v_len = sim.shape
     dev = sim.device
-    path = _path(backend, dev)
+    name = _dispatch.resolve("banzhaf", backend, dev, sim.dtype)
     with torch.no_grad():
         sim = sim.detach()
         p, q = text_weight.detach().to(sim.dtype), video_weight.detach().to(sim.dtype)
-        if path == "reference":
+        if name == "reference":
             return _reference.banzhaf_interaction(
                 sim, p, q, text_mask, video_mask, num_samples=samples, mode=mode, generator=generator,
                 coalitions=coalitions,
@@ -197,11 +171,10 @@ def banzhaf_interaction(
         tm = torch.ones(b, t_len, dtype=torch.bool, device=dev) if text_mask is None else text_mask
         vm = torch.ones(b, v_len, dtype=torch.bool, device=dev) if video_mask is None else video_mask
         seed = draw_seed(generator) if coalitions is None else 0
-        if path == "op":
-            return torch.ops.xloss.banzhaf_interaction(sim, p, q, tm, vm, samples, seed, coalitions, mode)
-        return _cpu.banzhaf_interaction(sim, p, q, tm, vm, samples, seed, coalitions, mode)
+        engine = _dispatch.engine("banzhaf", name)
+        return engine.banzhaf_interaction(sim, p, q, tm, vm, samples, seed, coalitions, mode)
 
 
-coalition_bits = _cpu.coalition_bits
+coalition_bits = _chunked.coalition_bits
 
-__all__ = ["banzhaf_interaction", "coalition_bits", "cuda_op_available", "draw_seed", "op_available"]
+__all__ = ["OP", "banzhaf_interaction", "coalition_bits", "cuda_op_available", "draw_seed", "op_available"]

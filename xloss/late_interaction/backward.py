@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .cpu import budget_bytes
+from .chunked import budget_bytes
 
 NNZ_BYTES = 64  # working bytes per routed entry in a block (keys, values, sort permutation, CSR copies)
 

@@ -1,7 +1,8 @@
 """The Triton path of late interaction (MaxSim): the forward sweep as one fused GPU kernel.
 
-Same engine interface as ``cpu.py`` (the autograd Function in ``__init__`` does the rest), plus ``route``, the
-routing primitive of the backward (a gather kernel for the weighted side, an atomic or deterministic scatter
+Implements :class:`~xloss.late_interaction.engine.MaxSimEngine`, as ``chunked.py`` (the autograd Function in
+``__init__`` does the rest): ``maxsim_fwd`` and ``maxsim_bwd``, the shared torch backward of ``backward.py`` run
+with ``route``, this engine's routing primitive (a gather kernel for the weighted side, an atomic or deterministic scatter
 kernel for the other side; see the "backward" section below):
 
 * ``maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q)``: ``_maxsim_kernel``.  The kernel is
@@ -47,7 +48,7 @@ Precision: inputs are loaded in their dtype (fp32/fp16/bf16) and every dot accum
 scores and weights are fp32, indices int16 (int32 when the other side has more than 32767 tokens).  Without
 gradients (``need_aux=False``) the kernel neither searches nor stores the indices and values, only scores.  fp32 inputs use IEEE fp32 dots when
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default) and TF32 otherwise.  float64 is not
-supported (TypeError): use the "cpu" backend for it.
+supported (TypeError): use the "chunked" backend for it.
 
 Tile sizes are fixed constants below, per dtype (smaller under ``TRITON_INTERPRET=1`` to keep CPU tests fast);
 there is no autotuning yet (``XLOSS_AUTOTUNE`` is not read).  Inputs need unit stride along D (the launcher
@@ -217,7 +218,7 @@ def _maxsim_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 _SUPPORTED = _common.SUPPORTED_DTYPES
-_INT16_TOKENS = 32767  # token counts up to this get int16 arg-max indices, int32 beyond (as cpu.py)
+_INT16_TOKENS = 32767  # token counts up to this get int16 arg-max indices, int32 beyond (as chunked.py)
 
 
 def _index_dtype(length: int) -> torch.dtype:
@@ -307,7 +308,7 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
     if q.dtype not in _SUPPORTED or d.dtype != q.dtype:
         raise TypeError(
             f"the triton backend of maxsim supports float32, float16 and bfloat16 inputs, got q {q.dtype} "
-            f"and d {d.dtype}; use backend='cpu' for float64"
+            f"and d {d.dtype}; use backend='chunked' (alias 'cpu') for float64"
         )
     nq, lq = q.shape[0], q.shape[1]
     nd, ld = d.shape[0], d.shape[1]
@@ -557,3 +558,14 @@ def route(x, y, idx, g, w, y_valid, check_winner: bool):
             BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_Y=ROUTE_BLOCK_Y, CHECK_WINNER=check_winner, num_warps=4,
         )
     return dx, dy
+
+
+def maxsim_bwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, aux_q2d, aux_d2q, g_q2d, g_d2q,
+               need_q: bool, need_d: bool, need_qw: bool, need_dw: bool):
+    """Gradients of the cross scores of :func:`maxsim_fwd`: ``backward.maxsim_backward`` routed by
+    :func:`route` (looked up at call time), the inputs loaded in their own dtype.  Returns
+    ``(dq, dd, dq_w, dd_w)`` in fp32, None where not needed or zero."""
+    from .backward import maxsim_backward
+
+    return maxsim_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q, g_q2d, g_d2q,
+                           need_q, need_d, need_qw, need_dw, route=route)

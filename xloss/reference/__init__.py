@@ -7,7 +7,7 @@ path is judged against, and what "naive PyTorch" means in ``python -m xloss.benc
 from . import symile  # the module too: symile.draw_permutations is part of the spec's sampling
 from .banzhaf import banzhaf_interaction
 from .gram import gram_loss, gram_volume
-from .info_nce import info_nce
+from .infonce import info_nce
 from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
 from .sigmoid import sigmoid_loss
 from .symile import symile_loss

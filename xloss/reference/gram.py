@@ -3,8 +3,11 @@
 * Gram matrix   ``G_ij`` the k×k Gram matrix of ``(a_i, X¹_j, …, X^{k−1}_j)``: entries ``<u, v>`` of those
   vectors, built as one ``[N1, N2, k, k]`` tensor.
 * volume        ``V_ij = sqrt(|det G_ij| + eps)`` (``eps = 0``, the default, is the authors' ``sqrt(abs(det))``).
-* loss          ``ℓ_i = ½[CE(−V/τ, arange)_i + CE(−Vᵀ/τ, arange)_i]``, each cross-entropy with label smoothing
-  ``ε`` as ``F.cross_entropy``; ``mean``/``sum`` of ``ℓ`` or ``ℓ`` itself (``reduction="none"``).
+* loss          ``ℓ_i = ½[CE(−V/τ, y)_i + CE(−Vᵀ[y]/τ, arange)_i]``, each cross-entropy with label smoothing
+  ``ε`` as ``F.cross_entropy``; ``mean``/``sum`` of ``ℓ`` or ``ℓ`` itself (``reduction="none"``).  ``y = labels``
+  (default ``arange(N)``): anchor i's positive is sample ``y_i`` of the other modalities; the row term is the
+  cross-entropy of row i against column ``y_i``, the column term that of column ``y_i`` (a softmax over all
+  anchors) against row i, as ``xloss.reference.info_nce``.
 * ``stopgrad_gathered=True`` reproduces the authors' ``forward_ret`` on one process: the first (row) term is
   ``V(a, X.detach())``, the second ``V(a.detach(), X)ᵀ``, so the row term updates only the anchor and the
   column term only the other modalities (τ gets a gradient from both).
@@ -51,7 +54,9 @@ def gram_volume(anchor: torch.Tensor, *others: torch.Tensor, pairwise: bool = Tr
 def gram_loss(
     anchor: torch.Tensor,
     *others: torch.Tensor,
-    temperature,
+    temperature=None,
+    logit_scale=None,
+    labels: torch.Tensor | None = None,
     label_smoothing: float = 0.1,
     stopgrad_gathered: bool = False,
     eps: float = 0.0,
@@ -60,23 +65,37 @@ def gram_loss(
     """Naive GRAM contrastive loss (the authors' ``forward_ret``), see the module docstring.
 
     Args:
-        anchor: ``[N, D]``; others: k−1 tensors ``[N, D]`` (sample i of every modality is positive).
+        anchor: ``[N1, D]``; others: k−1 tensors ``[N2, D]`` (``N1 == N2`` without ``labels``: sample i of
+            every modality is positive).
         temperature: ``τ > 0``, float or 0-dim tensor (gets a gradient); the logits are ``−V/τ``.
+        logit_scale: ``s`` instead of ``temperature`` (the logits are ``−s·V``).
+        labels: ``[N1]`` integer index of each anchor's positive sample; default ``arange(N1)``.
         label_smoothing: ``ε`` of both cross-entropies.
         stopgrad_gathered: the authors' gradient routing (row term → anchor only, column term → others only).
         eps: see ``gram_volume``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[N]``).
     """
+    if (temperature is None) == (logit_scale is None):
+        raise ValueError("give either temperature or logit_scale")
     n = anchor.shape[0]
     if stopgrad_gathered:
         v_row = gram_volume(anchor, *[x.detach() for x in others], eps=eps)
         v_col = gram_volume(anchor.detach(), *others, eps=eps)
     else:
         v_row = v_col = gram_volume(anchor, *others, eps=eps)
-    tau = temperature.to(v_row.dtype) if isinstance(temperature, torch.Tensor) else temperature
+    if temperature is not None:
+        tau = temperature.to(v_row.dtype) if isinstance(temperature, torch.Tensor) else temperature
+        z_row, z_col = -v_row / tau, -v_col.T / tau
+    else:
+        s = logit_scale.to(v_row.dtype) if isinstance(logit_scale, torch.Tensor) else logit_scale
+        z_row, z_col = -v_row * s, -v_col.T * s
     target = torch.arange(n, device=anchor.device)
-    rows = F.cross_entropy(-v_row / tau, target, label_smoothing=label_smoothing, reduction="none")
-    cols = F.cross_entropy(-v_col.T / tau, target, label_smoothing=label_smoothing, reduction="none")
+    if labels is None:
+        labels = target
+    rows = F.cross_entropy(z_row, labels, label_smoothing=label_smoothing, reduction="none")
+    # column y_i of the logits, as a row over all anchors; with default labels and N1 == N2 it is z_col itself
+    columns = z_col if (labels is target and v_col.shape[1] == n) else z_col[labels]
+    cols = F.cross_entropy(columns, target, label_smoothing=label_smoothing, reduction="none")
     terms = (rows + cols) / 2
     return reduce_terms(terms, reduction)
 

@@ -8,7 +8,7 @@ similarities ``s_abtv = <q_at, d_bv>`` (``torch.einsum("qtd,cvd->qctv")``).
 * ``"both"`` (FILIP / HBI "WTI"):       ``S_ab = ½(S^{q2d}_ab + S^{d2q}_ab)``
 
 Token weights ``wq = mask · q_weights`` (``q_weights`` default 1), divided by the number of valid query tokens
-for ``reduction="mean"`` (FILIP's mean over valid tokens; with weights that is ``Σ_t w_t·max / |valid|``);
+for ``token_reduction="mean"`` (FILIP's mean over valid tokens; with weights that is ``Σ_t w_t·max / |valid|``);
 ``wd`` likewise on the document side.  Masked-out tokens get weight 0 whatever their weight says.
 
 Mask modes:
@@ -24,7 +24,10 @@ Ties go to the lowest index (``torch.max``), which is also where the gradient go
 query against all documents, target ``labels[a]``, default ``a``); ``"d2q"`` over the columns of
 ``s·S^{d2q}`` (for query a, column ``labels[a]`` as a row over all queries, target a: each document against
 all queries); ``"both"`` ``½(CE_rows(s·S^{q2d}) + CE_rows(s·S^{d2q}ᵀ))`` (FILIP).  Label smoothing as
-``F.cross_entropy``; ``reduction`` ``"mean"``, ``"sum"`` or ``"none"`` (per-query terms).
+``F.cross_entropy``; ``reduction`` (the loss reduction) ``"mean"``, ``"sum"`` or ``"none"`` (per-query terms).
+
+The token reduction is ``token_reduction`` everywhere (``reduction=`` in ``maxsim``/``maxsim_pairs`` and
+``score_reduction=`` in ``late_interaction_loss`` are its deprecated old names, accepted for one release).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._api import renamed
 from .._reduce import reduce_terms
 
 DIRECTIONS = ("q2d", "d2q", "both")
@@ -75,14 +79,14 @@ def _directional(sim, qv, dv, wq, wd, direction, mask_mode):
     return s_q2d, s_d2q
 
 
-def maxsim_directional(q, d, q_mask=None, d_mask=None, *, reduction="sum", mask_mode="exclude", q_weights=None,
-                       d_weights=None, direction="q2d", pairs=False):
+def maxsim_directional(q, d, q_mask=None, d_mask=None, *, token_reduction="sum", mask_mode="exclude",
+                       q_weights=None, d_weights=None, direction="q2d", pairs=False):
     """``(S^{q2d}, S^{d2q})`` separately (None for a direction not asked): ``[Nq, Nd]``, or ``[N]`` for
     ``pairs``.  Used by :func:`maxsim`, :func:`maxsim_pairs` and :func:`late_interaction_loss`."""
     qv, dv = _valid(q_mask, q), _valid(d_mask, d)
     dt = q.dtype
-    wq = token_weights(qv, q_weights, reduction, dt)
-    wd = token_weights(dv, d_weights, reduction, dt)
+    wq = token_weights(qv, q_weights, token_reduction, dt)
+    wd = token_weights(dv, d_weights, token_reduction, dt)
     if pairs:
         sim = torch.einsum("atd,avd->atv", q, d)[:, None]  # [N, 1, Lq, Ld]
         qv4, dv4 = qv[:, None, :, None], dv[:, None, None, :]
@@ -106,14 +110,15 @@ def _combine(s_q2d, s_d2q, direction):
     return (s_q2d + s_d2q) / 2
 
 
-def maxsim(q, d, q_mask=None, d_mask=None, *, reduction="sum", mask_mode="exclude", q_weights=None,
+@renamed(reduction="token_reduction")
+def maxsim(q, d, q_mask=None, d_mask=None, *, token_reduction="sum", mask_mode="exclude", q_weights=None,
            d_weights=None, direction="q2d"):
     """Naive late-interaction scores of every query against every document.
 
     Args:
         q: ``[Nq, Lq, D]`` query tokens; d: ``[Nd, Ld, D]`` document tokens.
         q_mask, d_mask: bool ``[Nq, Lq]``, ``[Nd, Ld]``, True = valid; None = all valid.
-        reduction: ``"sum"`` (ColBERT) or ``"mean"`` over valid tokens (FILIP).
+        token_reduction: ``"sum"`` (ColBERT) or ``"mean"`` over valid tokens (FILIP).
         mask_mode: ``"exclude"`` or ``"zero"`` (see the module docstring).
         q_weights, d_weights: per-token weights ``[Nq, Lq]``, ``[Nd, Ld]`` (the q2d and d2q sums).
         direction: ``"q2d"``, ``"d2q"`` or ``"both"``.
@@ -121,18 +126,19 @@ def maxsim(q, d, q_mask=None, d_mask=None, *, reduction="sum", mask_mode="exclud
     Returns:
         ``S [Nq, Nd]``.
     """
-    s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, reduction=reduction, mask_mode=mask_mode,
+    s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
                                       q_weights=q_weights, d_weights=d_weights, direction=direction)
     return _combine(s_q2d, s_d2q, direction)
 
 
-def maxsim_pairs(q, d, q_mask=None, d_mask=None, *, reduction="sum", mask_mode="exclude", q_weights=None,
+@renamed(reduction="token_reduction")
+def maxsim_pairs(q, d, q_mask=None, d_mask=None, *, token_reduction="sum", mask_mode="exclude", q_weights=None,
                  d_weights=None, direction="q2d"):
     """Naive aligned-pair scores ``S_a`` = :func:`maxsim` of query a against document a only (``Nq == Nd``).
 
     Built from ``torch.einsum("atd,avd->atv")``; returns ``[N]``.
     """
-    s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, reduction=reduction, mask_mode=mask_mode,
+    s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
                                       q_weights=q_weights, d_weights=d_weights, direction=direction, pairs=True)
     return _combine(s_q2d, s_d2q, direction)
 
@@ -158,28 +164,34 @@ def cross_entropy_terms(s_q2d, s_d2q, scale, labels, direction, label_smoothing)
     return (rows + cols) / 2
 
 
-def late_interaction_loss(q, d, q_mask=None, d_mask=None, *, logit_scale, labels=None, direction="q2d",
-                          label_smoothing=0.0, reduction="mean", mask_mode="exclude", score_reduction=None,
-                          q_weights=None, d_weights=None):
+@renamed(score_reduction="token_reduction")
+def late_interaction_loss(q, d, q_mask=None, d_mask=None, *, logit_scale=None, temperature=None, labels=None,
+                          direction="q2d", mask_mode="exclude", token_reduction=None, q_weights=None,
+                          d_weights=None, label_smoothing=0.0, reduction="mean"):
     """Naive late-interaction contrastive loss: :func:`maxsim` scores, then cross-entropy.
 
     Args:
         q, d, q_mask, d_mask, mask_mode, q_weights, d_weights: as :func:`maxsim`.
         logit_scale: multiplicative scale ``s`` (float or 0-dim tensor).
+        temperature: ``τ``, the same as ``logit_scale=1/τ``; give exactly one of the two.
         labels: ``[Nq]`` index of each query's positive document; default ``arange(Nq)``.
         direction: ``"q2d"`` (rows of ``s·S^{q2d}``), ``"d2q"`` (columns of ``s·S^{d2q}``) or ``"both"``
             (FILIP: ``½(CE_rows(s·S^{q2d}) + CE_rows(s·S^{d2q}ᵀ))``).
         label_smoothing: ``ε`` as ``F.cross_entropy``.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-query terms ``[Nq]``).
-        score_reduction: the token reduction of the scores; default ``"sum"`` for ``"q2d"`` (ColBERT) and
+        reduction: the loss reduction, ``"mean"``, ``"sum"`` or ``"none"`` (per-query terms ``[Nq]``).
+        token_reduction: the token reduction of the scores; default ``"sum"`` for ``"q2d"`` (ColBERT) and
             ``"mean"`` for ``"d2q"``/``"both"`` (FILIP).
 
     Returns:
         The loss (0-dim) or the per-query terms ``[Nq]``.
     """
-    if score_reduction is None:
-        score_reduction = "sum" if direction == "q2d" else "mean"
-    s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, reduction=score_reduction, mask_mode=mask_mode,
+    if (logit_scale is None) == (temperature is None):
+        raise TypeError("late_interaction_loss() needs exactly one of logit_scale= and temperature=")
+    if temperature is not None:
+        logit_scale = 1.0 / temperature
+    if token_reduction is None:
+        token_reduction = "sum" if direction == "q2d" else "mean"
+    s_q2d, s_d2q = maxsim_directional(q, d, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
                                       q_weights=q_weights, d_weights=d_weights, direction=direction)
     terms = cross_entropy_terms(s_q2d, s_d2q, logit_scale, labels, direction, label_smoothing)
     return reduce_terms(terms, reduction)

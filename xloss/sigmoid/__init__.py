@@ -1,8 +1,8 @@
 """Memory-efficient sigmoid loss (SigLIP, SPEC.md §2).
 
-``sigmoid_loss`` checks its arguments, picks a backend and runs ``SigmoidLossFunction``, one autograd Function
-for every fast path.  Nothing normalises a row of the logits, so the gradient of each logit,
-``dZ_ij = -y_ij·σ(-y_ij z_ij)``, is known in the forward sweep: a backend's ``forward_backward`` (``cpu.py``,
+``sigmoid_loss`` checks its arguments, picks an engine (``xloss._dispatch``) and runs ``SigmoidLossFunction``,
+the one autograd Function of the family, for eager, ``torch.compile`` and multi-rank runs alike.  Nothing normalises a row of the logits, so the gradient of each logit,
+``dZ_ij = -y_ij·σ(-y_ij z_ij)``, is known in the forward sweep: an engine's ``forward_backward`` (``chunked.py``,
 ``triton.py``) returns the loss and the gradients ``dq = s·dZ k``, ``dk = s·dZᵀ q``, ``ds = Σ dZ∘(q kᵀ)``,
 ``db = Σ dZ`` from one sweep over the logit tiles (3 GEMM sweeps in all, no recompute).  The Function keeps
 those O((N+M)·D) gradients and its backward only multiplies them by ``grad_output`` (and 1/N for the mean).
@@ -10,7 +10,8 @@ those O((N+M)·D) gradients and its backward only multiplies them by ``grad_outp
 ``reduction="none"`` is the exception: ``grad_output`` then weights each query's row differently, which
 changes ``dk``, so forward computes only the loss rows and backward runs one more sweep with those weights.
 
-The engine contract (both backends; ``xloss.distributed`` calls it block by block)::
+The engine contract (``engine.py``; both engines; run through the custom op of ``ops.py``, block by block
+across ranks by ``sweeps.py``)::
 
     forward_backward(q, k, scale, bias, labels, need_grad, *, row_weight=None, per_row=False)
         -> (loss, dq, dk, ds, db)
@@ -25,19 +26,23 @@ all its pairs are negatives); ``loss`` the 0-dim sum of ``-log σ(y z)`` over th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .. import _backend, _checks
+from .. import _checks, _comm, _dispatch
 from .. import reference as _reference
-from . import cpu as _cpu
+from .._tiling import accumulation_dtype
+from . import sweeps
 
 
-def _engine(name: str):
-    if name == "triton":
-        from . import triton as _triton  # imported lazily: Triton is optional
+@dataclass(frozen=True)
+class SigmoidOptions:
+    """Every non-tensor option of one call (hashable: a constant for ``torch.compile``)."""
 
-        return _triton
-    return _cpu
+    reduction: str = "mean"
+    engine: str = "chunked"  # "chunked" | "triton" (see xloss._dispatch)
+    need_grad: bool = True  # form the gradients in forward (False: nothing requires grad on any rank)
 
 
 def _scaled(t, factor, like: torch.Tensor):
@@ -48,48 +53,51 @@ def _scaled(t, factor, like: torch.Tensor):
 class SigmoidLossFunction(torch.autograd.Function):
     """Autograd for the sigmoid loss: gradients formed in forward, scaled by ``grad_output`` in backward.
 
-    Forward args: ``q [N, D]``, ``k [M, D]``, ``scale`` and ``bias`` (0-dim tensors), ``labels [N]`` (long),
-    ``reduction``, ``engine`` (module with ``forward_backward``), ``need_grad`` (bool: compute gradients).
+    Forward args: ``q [n, D]``, ``k [m, D]`` (this rank's rows; the whole batch on one process), ``scale`` and
+    ``bias`` (0-dim), ``labels [n]`` (long, global key indices), ``options`` (:class:`SigmoidOptions`),
+    ``comm`` (``xloss._comm.LOCAL`` on one process).  ``"none"``: forward returns the per-query terms and
+    backward runs the sweep again with ``grad_output`` as row weights (it changes ``dk``).  Gradients are
+    multiplied by ``comm.grad_factor`` (the world size under the default ``grad_reduction="mean"``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, scale, bias, labels, reduction, engine, need_grad):
-        acc = _cpu.accumulation_dtype(q.dtype)
+    def forward(ctx, q, k, scale, bias, labels, options: SigmoidOptions, comm):
+        acc = accumulation_dtype(q.dtype)
         s, b = scale.detach().to(acc), bias.detach().to(acc)
-        n = q.shape[0]
-        ctx.options = (reduction, engine)
-        if reduction == "none":
-            # grad_output weights the rows: the gradients depend on it, so backward recomputes (one sweep).
-            terms = engine.forward_backward(q, k, s, b, labels, False, per_row=True)[0]
+        ctx.options, ctx.comm = options, comm
+        if options.reduction == "none":
+            terms = sweeps.run(comm, q, k, s, b, labels, False, options.engine, per_row=True)[0]
             ctx.save_for_backward(q, k, scale, bias, labels)
             return terms
-        loss, dq, dk, ds, db = engine.forward_backward(q, k, s, b, labels, need_grad)
-        if need_grad:
+        loss, dq, dk, ds, db = sweeps.run(comm, q, k, s, b, labels, options.need_grad, options.engine)
+        if options.need_grad:
             ctx.save_for_backward(q, k, scale, bias, dq, dk, ds, db)
-        return loss / n if reduction == "mean" else loss
+        loss = comm.global_sum(loss)
+        return loss / comm.total_rows(q.shape[0]) if options.reduction == "mean" else loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        reduction, engine = ctx.options
-        if reduction == "none":
+        options, comm = ctx.options, ctx.comm
+        if options.reduction == "none":
             q, k, scale, bias, labels = ctx.saved_tensors
-            acc = _cpu.accumulation_dtype(q.dtype)
-            _, dq, dk, ds, db = engine.forward_backward(
-                q, k, scale.detach().to(acc), bias.detach().to(acc), labels, True, row_weight=grad_out.to(acc)
-            )
+            acc = accumulation_dtype(q.dtype)
+            _, dq, dk, ds, db = sweeps.run(comm, q, k, scale.detach().to(acc), bias.detach().to(acc), labels, True,
+                                           options.engine, row_weight=grad_out.to(acc).contiguous())
             g = 1.0
         else:
             q, k, scale, bias, dq, dk, ds, db = ctx.saved_tensors
             g = grad_out.to(dq.dtype)
-            if reduction == "mean":
-                g = g / q.shape[0]
+            if options.reduction == "mean":
+                g = g / comm.total_rows(q.shape[0])
+        if comm.grad_factor != 1:
+            g = g * comm.grad_factor
         need = ctx.needs_input_grad
         return (
             _scaled(dq, g, q) if need[0] else None,
             _scaled(dk, g, k) if need[1] else None,
             _scaled(ds, g, scale) if need[2] else None,
             _scaled(db, g, bias) if need[3] else None,
-            None, None, None, None,
+            None, None, None,
         )
 
 
@@ -97,13 +105,15 @@ def sigmoid_loss(
     query: torch.Tensor,
     key: torch.Tensor,
     *,
-    logit_scale,
+    logit_scale=None,
+    temperature=None,
     logit_bias,
     labels: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str = "auto",
     group=None,
     exchange: str = "ring",
+    grad_reduction: str = "mean",
 ) -> torch.Tensor:
     """Sigmoid loss (SigLIP) without the N×M logits matrix.
 
@@ -116,17 +126,20 @@ def sigmoid_loss(
         key: ``[M, D]``, same dtype and device; ``M > N`` adds extra negatives.  ``M < N`` needs ``labels``.
         logit_scale: multiplicative scale ``s``: a float or a 0-dim tensor (gets a gradient), already
             exponentiated as open_clip passes it (``model.logit_scale.exp()``).
-        logit_bias: additive bias ``b``: a float or a 0-dim tensor (gets a gradient).
+        temperature: ``τ``, the same as ``logit_scale=1/τ``; give exactly one of the two.
+        logit_bias: additive bias ``b``: a float or a 0-dim tensor (gets a gradient).  Required.
         labels: ``[N]`` integer index of each query's positive key; default ``arange(N)``.
         reduction: ``"mean"`` (default: ``Σ/N``, N the number of queries, as open_clip), ``"sum"`` or
             ``"none"`` (per-query row sums ``[N]``).
-        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"``, ``"cpu"`` or
-            ``"reference"`` (the naive definition).
-        group: a ``torch.distributed`` process group: when given and torch.distributed is initialised with
-            more than one rank, the keys of every rank are negatives too (``xloss.distributed.sigmoid_loss``);
-            None runs on this process alone.
-        exchange: how ``xloss.distributed`` moves keys between ranks (``"ring"`` by default); unused without
-            ``group``.
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"``, ``"chunked"`` (alias
+            ``"cpu"``; any device) or ``"reference"`` (the naive definition).
+        group: a ``torch.distributed`` ProcessGroup: the keys of every rank are negatives too, labels are
+            global key indices, and the returned value is the global loss, the same on every rank (``"none"``:
+            this rank's ``[n_r]`` row sums).  None or a one-rank group: this process alone.
+        exchange: ``"ring"`` (default) or ``"all_gather"``, with ``group``.
+        grad_reduction: ``"mean"`` (default): gradients scaled by the world size so that DDP's / FSDP's
+            averaging gives exactly the single-process gradient of the global loss; ``"sum"``: each rank's
+            exact share (the sum over ranks is the gradient).
 
     Returns:
         0-dim loss, or ``[N]`` per-query terms for ``reduction="none"``; float32 for half inputs, float64 for
@@ -141,45 +154,30 @@ def sigmoid_loss(
             f"and key {tuple(key.shape)}"
         )
     _checks.check_reduction(reduction)
-    if group is not None and torch.compiler.is_compiling():
-        raise ValueError("group= (cross-rank negatives) is not supported inside torch.compile: leave group=None "
-                         "in the compiled function, or call xloss.sigmoid_loss(..., group=...) outside it")
-    if group is not None and torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size(group) > 1:
-        from .. import distributed  # imported lazily: only multi-process runs need it
-
-        return distributed.sigmoid_loss(
-            query, key, logit_scale=logit_scale, logit_bias=logit_bias, labels=labels, reduction=reduction,
-            backend=backend, group=group, exchange=exchange,
-        )
+    if logit_scale is None and temperature is None:
+        raise TypeError("logit_scale must be a float or a 0-dim tensor (or pass temperature=, its inverse), got None")
     n, m = query.shape[0], key.shape[0]
-    _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
-    # Both are required (no default): a float (kept in fp64 until cast to the compute dtype) or a 0-dim tensor.
-    scale = _checks._scalar("logit_scale", logit_scale, query.device)
+    name = _dispatch.resolve("sigmoid", backend, query.device, query.dtype)
+    if name == "reference" and _comm.world_size(group) > 1:
+        raise ValueError("backend='reference' is single-process only; with a group use 'auto', 'chunked' or "
+                         "'triton'")
+    # A float (kept in fp64 until cast to the compute dtype) or a 0-dim tensor.
+    scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     bias = _checks._scalar("logit_bias", logit_bias, query.device)
-    name = _backend.resolve(backend, query.device, "sigmoid")
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale, bias))
+    comm, need_grad = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale, bias], need_grad)
+    if comm.is_local:
+        _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
     if name == "reference":
         return _reference.sigmoid_loss(
             query, key, logit_scale=scale, logit_bias=bias, labels=labels, reduction=reduction
         )
     if labels is None:
         labels = torch.arange(n, device=query.device)
-    labels = labels.long()
-    engine = _engine(name)
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale, bias))
-    if torch.compiler.is_compiling():  # opaque custom ops instead of the engine's Python tile loops
-        return _ops.sigmoid_loss(query, key, scale, bias, labels, reduction, name, need_grad)
-    if not need_grad:
-        # No graph to build: the engine alone, without the gradient GEMMs.
-        acc = _cpu.accumulation_dtype(query.dtype)
-        s, b = scale.to(acc), bias.to(acc)
-        if reduction == "none":
-            return engine.forward_backward(query, key, s, b, labels, False, per_row=True)[0]
-        loss = engine.forward_backward(query, key, s, b, labels, False)[0]
-        return loss / n if reduction == "mean" else loss
-    return SigmoidLossFunction.apply(query, key, scale, bias, labels, reduction, engine, True)
+        if not comm.is_local:
+            labels = labels + comm.key_offset()
+    options = SigmoidOptions(reduction, name, need_grad)
+    return SigmoidLossFunction.apply(query, key, scale, bias, labels.long(), options, comm)
 
 
-from . import ops as _ops  # last: it registers the custom ops, which run the Function above
-
-__all__ = ["SigmoidLossFunction", "sigmoid_loss"]
+__all__ = ["SigmoidLossFunction", "SigmoidOptions", "sigmoid_loss"]

@@ -1,17 +1,12 @@
-"""The sigmoid loss as ``torch.library`` custom ops, for ``torch.compile(fullgraph=True)``.
+"""The sigmoid-loss engine sweep as a ``torch.library`` custom op, registered once.
 
-``sigmoid_loss`` runs these under ``torch.compiler.is_compiling()`` in place of
-:class:`~xloss.sigmoid.SigmoidLossFunction` and of its no-grad engine call (eager calls keep those).  The
-ops run the Function's own ``forward``/``backward`` on a stand-in for the autograd ctx
-(``_ops.FunctionCtx``), so no math is repeated here:
+:class:`~xloss.sigmoid.SigmoidLossFunction` calls it in eager mode, under ``torch.compile`` and on every rank
+(block by block), so there is one path; Dynamo sees one opaque op with a fake instead of the engines' tile loops.
 
-* ``xloss::sigmoid_loss_forward(q, k, scale, bias, labels, reduction, backend, need_grad)`` →
-  ``(loss, dq [N, D], dk [M, D], ds, db)``: for ``"mean"``/``"sum"`` the gradients are formed in forward (as
-  the Function does; accumulation dtype); for ``"none"`` or without ``need_grad`` they are empty tensors.
-* ``xloss::sigmoid_loss_backward(grad, q, k, scale, bias, labels, dq, dk, ds, db, reduction, backend,
-  need_q, need_k, need_scale, need_bias)`` → the four input gradients, empty where not needed.
+* ``xloss::sigmoid_sweep(q, k, scale, bias, labels, need_grad, row_weight?, per_row, engine)`` →
+  ``(loss, dq [n, D], dk [m, D], ds, db)``, the gradients empty tensors without ``need_grad``.
 
-``backend`` is "cpu" or "triton", resolved by the caller.
+``engine`` names the engine module ("chunked" or "triton", see ``xloss._dispatch``).
 """
 
 from __future__ import annotations
@@ -19,77 +14,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._ops import FunctionCtx
+from .. import _dispatch
 from .._tiling import accumulation_dtype
-from . import SigmoidLossFunction, _engine
 
 
-def _keeps_grads(reduction: str, need_grad: bool) -> bool:
-    return need_grad and reduction != "none"
+@torch.library.custom_op("xloss::sigmoid_sweep", mutates_args=())
+def sigmoid_sweep(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, need_grad: bool,
+                  row_weight: Tensor | None, per_row: bool, engine: str
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = _dispatch.engine("sigmoid", engine).forward_backward(
+        q, k, scale, bias, labels, need_grad, row_weight=row_weight, per_row=per_row)
+    loss = out[0]
+    return (loss,) + tuple(loss.new_empty(0) if t is None else t for t in out[1:])
 
 
-@torch.library.custom_op("xloss::sigmoid_loss_forward", mutates_args=())
-def sigmoid_loss_forward(
-    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, reduction: str, backend: str,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ctx = FunctionCtx()
-    loss = SigmoidLossFunction.forward(ctx, q, k, scale, bias, labels, reduction, _engine(backend), need_grad)
-    if _keeps_grads(reduction, need_grad):
-        return (loss, *ctx.saved_tensors[4:])  # (q, k, scale, bias, dq, dk, ds, db) saved
-    return (loss,) + tuple(loss.new_empty(0) for _ in range(4))
-
-
-@sigmoid_loss_forward.register_fake
-def _(q, k, scale, bias, labels, reduction, backend, need_grad):
+@sigmoid_sweep.register_fake
+def _(q, k, scale, bias, labels, need_grad, row_weight, per_row, engine):
     acc = accumulation_dtype(q.dtype)
-    loss = q.new_empty((q.shape[0],) if reduction == "none" else (), dtype=acc)
-    if not _keeps_grads(reduction, need_grad):
+    loss = q.new_empty((q.shape[0],) if per_row else (), dtype=acc)
+    if not need_grad:
         return (loss,) + tuple(q.new_empty(0, dtype=acc) for _ in range(4))
-    return loss, torch.empty_like(q, dtype=acc), torch.empty_like(k, dtype=acc), q.new_empty((), dtype=acc), \
-        q.new_empty((), dtype=acc)
+    return (loss, q.new_empty(q.shape, dtype=acc), k.new_empty(k.shape, dtype=acc), q.new_empty((), dtype=acc),
+            q.new_empty((), dtype=acc))
 
 
-@torch.library.custom_op("xloss::sigmoid_loss_backward", mutates_args=())
-def sigmoid_loss_backward(
-    grad: Tensor, q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, dq: Tensor, dk: Tensor,
-    ds: Tensor, db: Tensor, reduction: str, backend: str, need_q: bool, need_k: bool, need_scale: bool,
-    need_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    saved = (q, k, scale, bias, labels) if reduction == "none" else (q, k, scale, bias, dq, dk, ds, db)
-    needs = (need_q, need_k, need_scale, need_bias, False, False, False, False)
-    ctx = FunctionCtx(saved, needs, options=(reduction, _engine(backend)))
-    grads = SigmoidLossFunction.backward(ctx, grad)[:4]
-    return tuple(x.new_empty(0) if g is None else g for g, x in zip(grads, (q, k, scale, bias)))
+def sweep(q, k, scale, bias, labels, need_grad: bool, engine: str, *, row_weight=None, per_row: bool = False):
+    """``(loss, dq, dk, ds, db)`` through the op, None for the gradients without ``need_grad``."""
+    out = sigmoid_sweep(q, k, scale, bias, labels, need_grad, row_weight, per_row, engine)
+    return out if need_grad else (out[0], None, None, None, None)
 
 
-@sigmoid_loss_backward.register_fake
-def _(grad, q, k, scale, bias, labels, dq, dk, ds, db, reduction, backend, need_q, need_k, need_scale, need_bias):
-    return tuple(torch.empty_like(x) if need else x.new_empty(0)
-                 for x, need in ((q, need_q), (k, need_k), (scale, need_scale), (bias, need_bias)))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, scale, bias, labels, reduction, backend, _ = inputs
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(q, k, scale, bias, labels, *output[1:])
-    ctx.options = (reduction, backend)
-
-
-def _backward(ctx, grad, *_grads_of_grads):
-    needs = tuple(bool(n) for n in ctx.needs_input_grad[:4])
-    if grad is None or not any(needs):
-        return (None,) * 8
-    grads = sigmoid_loss_backward(grad, *ctx.saved_tensors, *ctx.options, *needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
-
-
-sigmoid_loss_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def sigmoid_loss(q, k, scale, bias, labels, reduction: str, backend: str, need_grad: bool) -> Tensor:
-    """The loss through the custom ops (arguments already checked, ``backend`` "cpu" or "triton")."""
-    return sigmoid_loss_forward(q, k, scale, bias, labels, reduction, backend, need_grad)[0]
-
-
-__all__ = ["sigmoid_loss", "sigmoid_loss_backward", "sigmoid_loss_forward"]
+__all__ = ["sigmoid_sweep", "sweep"]

@@ -1,6 +1,7 @@
-"""The Triton path of Symile ``negative_sampling="n_squared"``: the two sweeps of ``cpu.py`` as fused kernels.
+"""The Triton path of Symile ``negative_sampling="n_squared"``: the two sweeps of ``chunked.py`` as fused kernels.
 
-Same two primitives, same meaning as ``cpu.py`` (``SymileLSEFunction`` in ``__init__`` does the rest):
+Same two primitives, same meaning as ``chunked.py`` (:class:`xloss.symile.engine.SymileEngine`;
+``SymileFunction`` in ``__init__`` does the rest):
 
 * ``lse(xs, s)``: ``[M, N]``, anchor ``a``'s log-sum-exp of ``s·MIP`` over every tuple of the other
   modalities' rows.  MIP is symmetric in its arguments, so anchor ``a``'s statistic is one kernel,
@@ -19,15 +20,15 @@ Same two primitives, same meaning as ``cpu.py`` (``SymileLSEFunction`` in ``__in
   and accumulates ``G·Q`` (``tl.dot``) into its own rows of ``dX^o``.  ``ds = Σ_i <X⁰_i, dX⁰_i>/s``.
   Every output row has one owner: deterministic without atomics.
 
-Cost: the cpu path gets every anchor's LSE from one sweep (column/scatter statistics); here anchor a is its
+Cost: the chunked engine gets every anchor's LSE from one sweep (column/scatter statistics); here anchor a is its
 own sweep and each modality's gradient its own recomputing sweep, i.e. ``M`` forward sweeps of
 ``2·N^M·D`` FLOPs and ``M`` backward sweeps of ``4·N^M·D``, in exchange for race-free, atomic-free kernels.
-M ≥ 5 is not supported here (ValueError; ``backend="auto"`` keeps the cpu engine for it).
+M ≥ 5 is not supported here (ValueError; ``backend="auto"`` keeps the chunked engine for it).
 
 Precision: inputs are loaded in their dtype (fp32/fp16/bf16) and upcast; the products, scores, statistics and
 gradients are fp32.  The dots are IEEE fp32 for fp32 inputs when ``torch.get_float32_matmul_precision() ==
 "highest"`` and TF32 otherwise (half inputs).  float64 raises ``UnsupportedDtypeError`` (a TypeError and a
-RuntimeError; use the cpu backend).  Tile sizes are untuned guesses for GPUs; no autotuning.
+RuntimeError; use the chunked engine).  Tile sizes are untuned guesses for GPUs; no autotuning.
 """
 
 from __future__ import annotations
@@ -231,12 +232,12 @@ def _prepare(xs: list[torch.Tensor]) -> torch.Tensor:
     if xs[0].dtype not in _SUPPORTED:
         raise UnsupportedDtypeError(
             f"the Triton backend of symile supports float32, float16 and bfloat16 inputs, got {xs[0].dtype}; "
-            "use backend='cpu' for float64"
+            "use backend='chunked' for float64"
         )
     if len(xs) not in MODALITIES:
         raise ValueError(
             f"the triton backend of symile 'n_squared' supports M = 3 or 4 modalities, got M = {len(xs)}; "
-            "use backend='cpu' (backend='auto' does) for more"
+            "use backend='chunked' (backend='auto' does) for more"
         )
     return torch.stack([x.detach() for x in xs]).contiguous()
 

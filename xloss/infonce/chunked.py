@@ -1,8 +1,8 @@
-"""The chunked PyTorch path of InfoNCE: row strips of the logits, never the whole N×M matrix.
+"""The chunked PyTorch engine of InfoNCE: row strips of the logits, never the whole N×M matrix (any device).
 
-Two primitives, shared with the Triton path through the autograd Function in ``__init__``:
+The two sweeps of the ``InfoNCEEngine`` protocol (``engine.py``), shared with the Triton engine:
 
-* ``lse(q, k, scale, need_cols)``: one sweep over row strips ``S = s·q_blk kᵀ`` gives every row's
+* ``lse(q, k, scale, need_cols, labels, keep_logits)``: one sweep over row strips ``S = s·q_blk kᵀ`` gives every row's
   log-sum-exp exactly (a strip holds whole rows) and the columns', merged strip by strip (online softmax).
   Statistics stay split as ``[max, log Σ exp(z - max)]`` (shape ``[2, N]``), for precision.
 * ``grad(q, k, scale, row, col, a, w)``: one recomputing sweep gives ``dq_u = P k`` and ``dk_u = Pᵀ q`` with
@@ -11,7 +11,7 @@ Two primitives, shared with the Triton path through the autograd Function in ``_
 So a forward+backward costs 4 GEMM sweeps and O((N+M)·D) memory plus a working set of two ``rows × M`` strips
 (the logits and the probabilities, or a logsumexp temporary in forward) whose size comes from a memory budget:
 ``XLOSS_CPU_TILE_MB`` (default 64 MiB for both strips together).  A small problem whose whole logits fit
-that budget beside the two strips keeps them from forward to backward instead (3 sweeps; ``_keeps_logits``):
+that budget beside the two strips keeps them from forward to backward instead (3 sweeps; ``keeps_logits``):
 below ~2k × 2k the naive loss is cache-resident and a fourth sweep would make us slower than it.  Inputs in fp16/bf16 are
 computed in fp32; fp64 stays fp64.  Nothing here is CPU-specific: it is also the fallback on CUDA tensors when
 Triton is missing.
@@ -36,13 +36,14 @@ def _strip_rows(n: int, m: int, itemsize: int) -> int:
     return max(1, min(n, _budget() // max(1, STRIPS * m * itemsize)))
 
 
-def _keeps_logits(n: int, m: int, itemsize: int) -> bool:
+def keeps_logits(n: int, m: int, itemsize: int) -> bool:
     """Small problems: the whole logits matrix, kept from forward to backward beside the two working strips,
     fits the budget, so backward skips its recomputing GEMM (3 sweeps instead of 4)."""
     return (STRIPS + 1) * n * m * itemsize <= _budget()
 
 
-def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, labels: torch.Tensor):
+def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, labels: torch.Tensor,
+        keep_logits: bool = False):
     """Row and (optionally) column log-sum-exp statistics of ``z = scale · q kᵀ``, and the positive logits.
 
     The statistics are kept split, ``(max, log Σ exp(z - max))``, so that backward can form a softmax entry
@@ -58,13 +59,13 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
         ``row [2, N]`` and ``col [2, M]`` (or None): ``[0]`` the max, ``[1]`` the log-sum-exp relative to it;
         ``z_pos [N]``, ``z[i, labels[i]]`` read from the same strips (so that ``max - z_pos`` is exactly 0
         when the positive is the max, as in ``log_softmax``); all in the accumulation dtype.
-        ``logits``: the whole ``[N, M]`` logits when they fit the budget (see ``_keeps_logits``), for ``grad``
-        to reuse, else None.
+        ``logits``: the whole ``[N, M]`` logits when ``keep_logits`` (the caller decides it with
+        ``keeps_logits``, so that the custom op's fake knows the shape), for ``grad`` to reuse, else None.
     """
     q, k = upcast(q), upcast(k)
     qs = q * scale.to(q.dtype)
     n, m = q.shape[0], k.shape[0]
-    rows = _strip_rows(n, m, q.element_size())
+    rows = n if keep_logits else _strip_rows(n, m, q.element_size())  # one strip holds all rows when kept
     kt = k.T
     row = torch.empty(2, n, dtype=q.dtype, device=q.device)
     z_pos = torch.empty(n, dtype=q.dtype, device=q.device)
@@ -89,7 +90,7 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
             col_sum.mul_(torch.exp(col_max - new_max)).add_(e.sum(0) * torch.exp(t_max - new_max))
             col_max = new_max
     col = torch.stack([col_max, col_sum.log()]) if need_cols else None
-    logits = strip if _keeps_logits(n, m, q.element_size()) else None  # one strip holds all rows then
+    logits = strip if keep_logits else None
     return row, col, z_pos, logits
 
 

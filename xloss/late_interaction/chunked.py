@@ -1,4 +1,8 @@
-"""The chunked PyTorch forward of late interaction (MaxSim): similarity tiles, never ``[Nq, Nd, Lq, Ld]``.
+"""The chunked PyTorch engine of late interaction (MaxSim): similarity tiles, never ``[Nq, Nd, Lq, Ld]``.
+
+Implements :class:`~xloss.late_interaction.engine.MaxSimEngine` (``maxsim_fwd``, ``maxsim_bwd``) and
+:class:`~xloss.late_interaction.engine.MaxSimPairsEngine` (``maxsim_pairs_fwd``, ``maxsim_pairs_bwd``); the
+backward sweeps are the shared torch routing of ``backward.py``.
 
 ``maxsim_fwd`` walks over tiles of ``bq`` queries × ``bd`` documents.  Each tile is one GEMM,
 ``sim = q_blk.reshape(bq·Lq, D) @ d_blk.reshape(bd·Ld, D)ᵀ`` viewed ``[bq, Lq, bd, Ld]``, reduced at once:
@@ -15,7 +19,8 @@ The tile size comes from a memory budget, ``XLOSS_CPU_TILE_MB`` (default 8 MiB h
 the L2/L3 cache is faster than a big one).  Half-precision inputs are computed in fp32, fp64 stays fp64.
 Nothing here is CPU-specific: this is also the fallback on CUDA tensors when Triton is missing.
 
-``maxsim_pairs_fwd`` is the aligned-pair version (query a against document a), chunked ``bmm``s.
+``maxsim_pairs_fwd`` is the aligned-pair version (query a against document a), chunked ``bmm``s.  Only this
+engine has it: ``maxsim_pairs`` runs it whatever the backend (except ``"reference"``).
 
 Compiled op: on CPU tensors, when only the query→document direction is asked (ColBERT scoring, every
 reduction, weights and mask mode, fp32/bf16/fp16/fp64), both forwards run ``torch.ops.xloss.maxsim_q2d``
@@ -251,4 +256,23 @@ def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: boo
     return s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q
 
 
-__all__ = ["accumulation_dtype", "budget_bytes", "index_dtype", "maxsim_fwd", "maxsim_pairs_fwd"]
+def maxsim_bwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, aux_q2d, aux_d2q, g_q2d, g_d2q,
+               need_q: bool, need_d: bool, need_qw: bool, need_dw: bool):
+    """Gradients of the cross scores of :func:`maxsim_fwd`: ``backward.maxsim_backward`` with the torch
+    routing (inputs upcast once).  Returns ``(dq, dd, dq_w, dd_w)`` in the accumulation dtype, None where not
+    needed or zero."""
+    return _bwd.maxsim_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q, g_q2d, g_d2q,
+                                need_q, need_d, need_qw, need_dw)
+
+
+def maxsim_pairs_bwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, aux_q2d, aux_d2q, g_q2d, g_d2q,
+                     need_q: bool, need_d: bool, need_qw: bool, need_dw: bool):
+    """Gradients of the aligned-pair scores of :func:`maxsim_pairs_fwd`: ``backward.pairs_backward``."""
+    return _bwd.pairs_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q, g_q2d, g_d2q,
+                               need_q, need_d, need_qw, need_dw)
+
+
+from . import backward as _bwd  # last: backward.py imports budget_bytes from here
+
+__all__ = ["accumulation_dtype", "budget_bytes", "index_dtype", "maxsim_bwd", "maxsim_fwd", "maxsim_pairs_bwd",
+           "maxsim_pairs_fwd"]

@@ -1,4 +1,5 @@
-"""Vectorised PyTorch path of the Banzhaf interaction, used when the compiled op is unavailable (any device).
+"""The chunked engine of the Banzhaf interaction: vectorised PyTorch, used when the compiled op is unavailable
+(any device; ``backend="chunked"``, alias ``"cpu"``).  It implements :class:`xloss.banzhaf.engine.BanzhafEngine`.
 
 It evaluates the four coalition values of SPEC.md §6 for a chunk of (i, j, sample) triples of every batch row
 at once, on ``[B, n, T, V]`` masked grids (so ``n`` is chosen to keep that grid under ``CHUNK_ELEMENTS``), as

@@ -1,4 +1,7 @@
-"""Chunked PyTorch sweeps for Symile with ``negative_sampling="n_squared"`` (SPEC.md §5).
+"""The chunked PyTorch engine of Symile ``negative_sampling="n_squared"`` (SPEC.md §5): any device, dtype and M.
+
+It implements :class:`xloss.symile.engine.SymileEngine` (``lse`` and ``grad``), in the accumulation dtype
+(inputs upcast: fp32 for half inputs, fp64 for fp64).
 
 All ``M`` anchors share one score tensor ``T[i_0, i_1, …, i_{M-1}] = MIP(X⁰_{i_0}, …, X^{M-1}_{i_{M-1}})``:
 anchor ``a``'s log-sum-exp is the LSE of ``s·T`` over every axis but ``a``.  The sweep walks the tuples
@@ -48,7 +51,9 @@ def _block(xs, idx):
 
 
 def lse(xs: list[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
-    """Per-anchor log-sum-exp of ``s·T``: ``[M, N]`` (accumulation dtype); ``xs`` upcast and contiguous."""
+    """Per-anchor log-sum-exp of ``s·T``: ``[M, N]`` (accumulation dtype)."""
+    xs = [_tiling.upcast(x) for x in xs]
+    s = s.detach().to(xs[0].dtype)
     m = len(xs)
     n, d = xs[0].shape
     dt, dev = xs[0].dtype, xs[0].device
@@ -81,6 +86,8 @@ def lse(xs: list[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
 
 def grad(xs: list[torch.Tensor], s: torch.Tensor, lse_: torch.Tensor, g: torch.Tensor, need_scale: bool):
     """Gradients of ``Σ_a <g^a, LSE^a>``: ``([dX⁰ … dX^{M-1}], ds or None)``, in the accumulation dtype."""
+    xs = [_tiling.upcast(x) for x in xs]
+    s = s.detach().to(xs[0].dtype)
     m = len(xs)
     n, d = xs[0].shape
     dev = xs[0].device

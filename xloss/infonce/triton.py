@@ -1,9 +1,9 @@
-"""The Triton path of InfoNCE: the two tile sweeps of ``cpu.py`` as fused GPU kernels.
+"""The Triton path of InfoNCE: the two tile sweeps of ``chunked.py`` as fused GPU kernels.
 
-Same two primitives, same signatures and meaning as ``cpu.py`` (the autograd Function in ``__init__`` does
+Same two primitives, same signatures and meaning as ``chunked.py`` (the ``InfoNCEEngine`` protocol of ``engine.py``) (the autograd Function in ``__init__`` does
 everything else):
 
-* ``lse(q, k, scale, need_cols, labels)``: ``_lse_kernel``, one sweep.  A program owns ``BLOCK_M`` rows and
+* ``lse(q, k, scale, need_cols, labels, keep_logits)``: ``_lse_kernel``, one sweep.  A program owns ``BLOCK_M`` rows and
   walks the column blocks of its column split, computing each ``BLOCK_M × BLOCK_N`` logit tile with
   ``tl.dot`` over ``BLOCK_D`` chunks of D.  It keeps online row statistics (running max of z, running
   Σ exp(z - max)) and writes one partial column max and sum per (row block, column) to fp32 buffers
@@ -285,7 +285,8 @@ def _merge(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
     return torch.stack((mx, torch.log(total)))
 
 
-def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, labels: torch.Tensor):
+def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, labels: torch.Tensor,
+        keep_logits: bool = False):
     """Split log-sum-exp statistics of ``z = scale · q kᵀ`` over rows and (optionally) columns, and the
     positive logits, one sweep.
 
@@ -321,7 +322,7 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
     )
     row = _merge(part_r[0], part_r[1])
     col = _merge(part_c[0], part_c[1]) if need_cols else None
-    return row, col, z_pos, None  # the kernels never keep the logits: backward recomputes them
+    return row, col, z_pos, None  # the kernels never keep the logits (keep_logits is False): backward recomputes
 
 
 def _kernel_stats(stats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -398,3 +399,8 @@ def grad(q, k, scale, row, col, a, w, logits=None):
     dq.mul_(c)
     dk.mul_(c)
     return dq, dk
+
+
+def keeps_logits(n: int, m: int, itemsize: int) -> bool:
+    """Never: the kernels recompute the logit tiles in backward (``InfoNCEEngine`` protocol)."""
+    return False

@@ -1,4 +1,8 @@
-"""The chunked PyTorch path of the Gram volume: GEMM tiles and a Schur complement, never a batched det.
+"""The chunked PyTorch engine of GRAM: GEMM tiles and a Schur complement, never a batched det.
+
+It runs on any device (CUDA included) and in float64; it implements :class:`xloss.gram.engine.GramEngine`
+(the four sweeps ``volume``, ``volume_grad``, ``loss_stats`` and ``loss_grad`` at the end of this module) and
+works in the accumulation dtype (inputs upcast: fp32 for half inputs, fp64 for fp64).
 
 With ``p = k − 1`` other modalities, write ``X_j`` for the ``p × D`` matrix of sample j's other modalities,
 ``M_j = X_j X_jᵀ`` (``p × p``) and ``c_ij = X_j a_i`` (``p``).  The Schur complement of ``M_j`` in ``G_ij``
@@ -32,6 +36,21 @@ from .._tiling import accumulation_dtype, budget_bytes, upcast  # noqa: F401
 
 DEFAULT_TILE_BYTES = 48 * 2**20
 MAX_OTHERS = 4  # k ≤ 5: cofactor expansion grows as p!
+
+
+def autograd_on():
+    """A guard that lets autograd record again where the engines run: inside a custom op's kernel.
+
+    Kernels run below the Autograd dispatch key (autograd keys in the thread-local excluded set), but the
+    backward sweeps differentiate the small per-sample adjugate polynomials (``per_sample``, O(N2·p²·D))
+    with ``torch.autograd.grad``: this takes the autograd keys out of the excluded set until exit (then
+    restored); ``torch.enable_grad()`` is still needed beside it.  Harmless outside an op.
+    """
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor, keys.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
 def _tile_size(n1: int, n2: int, p: int, itemsize: int) -> tuple[int, int]:
@@ -141,10 +160,6 @@ def signed_det(a: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def volume(a: torch.Tensor, xs: list[torch.Tensor], eps: float) -> torch.Tensor:
-    """``V [N1, N2]`` without autograd."""
-    return _sqrt_abs(signed_det(a, xs), eps)
-
 
 def volume_backward(
     a: torch.Tensor,
@@ -210,7 +225,7 @@ def volume_backward(
         gxt = torch.bmm(adj, et).mul_(-2.0)  # dX^r_j = −2 Σ_s adj_j[r, s] E^s_j
         gx = [gxt[:, r] for r in range(p)]
         gadj = torch.bmm(et, xst.transpose(1, 2)).neg_()  # d adj_j[r, s] = −<E^r_j, x^s_j>
-    with torch.enable_grad():  # through adj(M_j), det(M_j) into X, once
+    with autograd_on(), torch.enable_grad():  # through adj(M_j), det(M_j) into X, once
         xl = [x.detach().requires_grad_() for x in xs]
         adj2, det2 = per_sample(xl)
         outs, grads = [det2], [gdet]
@@ -219,3 +234,108 @@ def volume_backward(
             grads.append(gadj)
         extra = torch.autograd.grad(outs, xl, grads)
     return ga, [gx[m] + extra[m] for m in range(p)]
+
+
+# ------------------------------------------------------------------------------------ the engine's sweeps
+# (xloss.gram.engine.GramEngine; the custom ops of ops.py call these with the inputs as the user gave them)
+
+
+def _up(anchor: torch.Tensor, others) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return upcast(anchor), [upcast(x) for x in others]
+
+
+def volume(anchor: torch.Tensor, others: list[torch.Tensor], eps: float):
+    """``(V [N1, N2], det G [N1, N2])`` in the accumulation dtype: the signed det is kept for ``volume_grad``."""
+    a, xs = _up(anchor, others)
+    g = signed_det(a, xs)
+    return _sqrt_abs(g.clone(), eps), g
+
+
+def volume_grad(anchor, others, eps: float, det, grad_v, need_a: bool, need_x: bool):
+    """Gradients of ``Σ grad_v∘V`` w.r.t. ``anchor`` and ``others`` (accumulation dtype; None where not needed)."""
+    a, xs = _up(anchor, others)
+    g = grad_v.to(a.dtype)
+    return volume_backward(a, xs, det, eps, lambda i0, i1, j0, j1, vt: (g[i0:i1, j0:j1], None), need_a, need_x)
+
+
+def _stats(g: torch.Tensor, s: torch.Tensor, eps: float):
+    """From ``det G``: row and column log-sum-exp of ``Z = −s·V``, and the row and column means of ``V``, in
+    row strips of a budgeted size (``V`` is never whole)."""
+    n1, n2 = g.shape
+    rows = max(1, min(n1, budget_bytes(DEFAULT_TILE_BYTES) // max(1, 2 * n2 * g.element_size())))
+    lse_r = torch.empty(n1, dtype=g.dtype, device=g.device)
+    mean_r = torch.empty(n1, dtype=g.dtype, device=g.device)
+    lse_c = torch.full((n2,), float("-inf"), dtype=g.dtype, device=g.device)
+    sum_c = torch.zeros(n2, dtype=g.dtype, device=g.device)
+    for i0 in range(0, n1, rows):
+        v = _sqrt_abs(g[i0 : i0 + rows], eps)
+        mean_r[i0 : i0 + rows] = v.mean(1)
+        sum_c += v.sum(0)
+        z = v.mul_(-s)
+        lse_r[i0 : i0 + rows] = torch.logsumexp(z, 1)
+        lse_c = torch.logaddexp(lse_c, torch.logsumexp(z, 0))
+    return lse_r, lse_c, mean_r, sum_c / n1
+
+
+def loss_stats(anchor, others, scale, labels, eps: float):
+    """One sweep over the ``N1 × N2`` pairs of ``Z = −s·V`` (``s = scale``, 0-dim).
+
+    Returns ``(lse_r [N1], lse_c [N2], mean_r [N1], mean_c [N2], v_pos [N1], det G [N1, N2])`` in the
+    accumulation dtype: row/column LSE of ``Z``, row/column means of ``V``, ``V[i, labels[i]]``.
+    """
+    a, xs = _up(anchor, others)
+    g = signed_det(a, xs)
+    s = scale.detach().to(a.dtype)
+    lse_r, lse_c, mean_r, mean_c = _stats(g, s, eps)
+    v_pos = _sqrt_abs(g[torch.arange(g.shape[0], device=g.device), labels], eps)
+    return lse_r, lse_c, mean_r, mean_c, v_pos, g
+
+
+def loss_grad(anchor, others, scale, det, lse_r, lse_c, w_r, w_c, labels, label_smoothing: float,
+              stopgrad: bool, eps: float, need_a: bool, need_x: bool, need_s: bool):
+    """Gradients of ``Σ_i w_r[i]·row_i + Σ_i w_r[i]·col_i`` (row_i, col_i the two cross-entropies of anchor i,
+    ``w_c[j] = Σ_{i: labels[i] = j} w_r[i]``) through the tiles of ``V``, given the forward's ``det G``.
+
+    ``dZ = w_r[i](softmax_row − ε/N2) + w_c[j](softmax_col − ε/N1) − 2(1−ε)w_r[i][j = labels[i]]`` and
+    ``dV = −s·dZ`` (with ``stopgrad``: the row part to the anchor only, the column part to the others only).
+    Returns ``(ga | None, [gx] | None, ds | None)`` in the accumulation dtype, ``ds = d/ds = −Σ dZ∘V``.
+    """
+    a, xs = _up(anchor, others)
+    acc = det.dtype
+    n1, n2 = det.shape
+    ls = float(label_smoothing)
+    s = scale.detach().to(acc)
+    ds = torch.zeros((), dtype=acc, device=det.device)
+    wr, wc = w_r[:, None], w_c[None, :]
+    pos_w = (1 - ls) * w_r  # the positive entry (i, labels[i]) of row i's and of column labels[i]'s softmax
+
+    def dv(i0, i1, j0, j1, vt):
+        nonlocal ds
+        z = vt * (-s)
+        pr = torch.sub(z, lse_r[i0:i1, None]).exp_().mul_(wr[i0:i1])  # w_i · softmax over row i
+        pc = z.sub_(lse_c[None, j0:j1]).exp_().mul_(wc[:, j0:j1])  # w_j · softmax over column j
+        if ls:
+            pr.sub_(wr[i0:i1], alpha=ls / n2)
+            pc.sub_(wc[:, j0:j1], alpha=ls / n1)
+        # the positives inside this tile: rows whose label falls in [j0, j1) (others subtract an exact 0)
+        col = labels[i0:i1] - j0
+        hit = (col >= 0) & (col < j1 - j0)
+        rows = torch.arange(i1 - i0, device=det.device)
+        col = col.clamp(0, j1 - j0 - 1)
+        corr = torch.where(hit, pos_w[i0:i1], torch.zeros((), dtype=acc, device=det.device))
+        pr[rows, col] -= corr
+        pc[rows, col] -= corr
+        if stopgrad:
+            ds = ds - (pr * vt).sum() - (pc * vt).sum()
+            return pr.mul_(-s), pc.mul_(-s)
+        dz = pr.add_(pc)
+        ds = ds - torch.dot(dz.reshape(-1), vt.reshape(-1))
+        return dz.mul_(-s), None
+
+    ga, gx = None, None
+    if need_a or need_x:
+        ga, gx = volume_backward(a, xs, det, eps, dv, need_a, need_x)
+    elif need_s:
+        for i0, i1, j0, j1 in _tiles(n1, n2, len(xs), det.element_size()):
+            dv(i0, i1, j0, j1, _sqrt_abs(det[i0:i1, j0:j1], eps))
+    return (ga if need_a else None), (gx if need_x else None), (ds if need_s else None)

@@ -1,0 +1,235 @@
+"""The one dispatch table: (family, device, dtype, what is installed) → the engine that runs.
+
+Every public loss asks :func:`resolve` which engine to run and :func:`engine` for its module; nothing else in
+the package picks an implementation.
+
+Engines, by what they run (the names users pass as ``backend=``):
+
+* ``"triton"``   fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``, for tests);
+* ``"chunked"``  tiled PyTorch (row strips or blocks of the logits, never the whole matrix): runs on any
+  device, CUDA included, and is the fallback wherever Triton is missing or does not take the dtype;
+* ``"compiled"`` the C++/CUDA ops of ``xloss/csrc`` (Banzhaf only, and the MaxSim micro-kernel that the
+  chunked late-interaction engine uses on CPU when it is built);
+* ``"reference"`` the naive definition (``xloss.reference``), for checking.
+
+Aliases kept from earlier releases: ``"cpu"`` → ``"chunked"`` (it always ran on CUDA too) and ``"cuda"`` →
+``"compiled"``.  ``backend="auto"`` takes the first row of the family's table below whose device, dtype,
+problem and availability all fit; ``XLOSS_BACKEND`` overrides "auto" as if it had been passed explicitly.
+An explicit choice that cannot run here raises a RuntimeError that says why (a dtype the kernels do not take
+raises the engine's own TypeError when it runs); an unknown name raises ValueError.
+
+Each family states its engine interface once, as a ``typing.Protocol`` beside its Function
+(``xloss/<family>/engine.py``); the modules named in the table implement it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+ENGINES = ("triton", "chunked", "compiled", "reference")
+ALIASES = {"cpu": "chunked", "cuda": "compiled"}
+BACKENDS = ("auto", *ENGINES, *ALIASES)  # every string ``backend=`` accepts
+
+_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+_ANY_FLOAT = (torch.float64, *_LOW_PRECISION)
+
+
+_TRITON_OK: bool | None = None  # probed once (a plain global, not functools.cache: Dynamo traces this call)
+
+
+def triton_available() -> bool:
+    """True when Triton can be imported (it need not have a GPU to import)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        _TRITON_OK = _probe_triton()
+    return _TRITON_OK
+
+
+def _probe_triton() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 (a broken Triton install, whatever it raises, must not break xloss)
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def compiled_cuda_available() -> bool:
+    """True when the compiled ops (xloss/csrc) are loaded with CUDA kernels.  Without CUDA this answers False
+    at once; with CUDA it loads (on first call, building if needed) the compiled ops, never at import."""
+    if not torch.cuda.is_available():
+        return False
+    from . import _ext
+
+    if not _ext.load():
+        return False
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("xloss::")]
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA") for n in names)
+
+
+def _compiled_op(name: str) -> Callable[[torch.device], bool]:
+    def ok(device: torch.device) -> bool:
+        from . import _ext
+
+        if device.type == "cuda" and not compiled_cuda_available():
+            return False
+        if not _ext.has_op(name):
+            return False
+        key = "CUDA" if device.type == "cuda" else "CPU"
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"xloss::{name}", key)
+
+    return ok
+
+
+def _triton_runs(device: torch.device) -> bool:
+    return triton_available() and (device.type == "cuda" or triton_interpret())
+
+
+def _always(device: torch.device) -> bool:
+    return True
+
+
+def _any_problem(**problem) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Route:
+    """One row of the table: ``engine`` of ``family`` lives in ``module``; "auto" takes it for tensors on a
+    device in ``auto_devices`` whose dtype is in ``dtypes`` when ``runs(device)`` and ``fits(**problem)``."""
+
+    family: str
+    engine: str
+    module: str
+    auto_devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    runs: Callable[[torch.device], bool]
+    fits: Callable[..., bool] = _any_problem
+    why_not: str = ""  # what to do when an explicit choice cannot run
+
+
+def _symile_fits(modalities: int = 3, **_) -> bool:
+    return modalities in (3, 4)
+
+
+_TRITON_HOW = ("it needs CUDA tensors; set TRITON_INTERPRET=1 to run the kernels on CPU tensors through Triton's "
+               "interpreter (slow, for testing)")
+
+# Order matters: "auto" takes the first route that fits.
+TABLE: tuple[Route, ...] = (
+    Route("info_nce", "triton", "xloss.infonce.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
+    Route("info_nce", "chunked", "xloss.infonce.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
+    Route("sigmoid", "triton", "xloss.sigmoid.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
+    Route("sigmoid", "chunked", "xloss.sigmoid.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
+    Route("late_interaction", "triton", "xloss.late_interaction.triton", ("cuda",), _LOW_PRECISION, _triton_runs,
+          why_not=_TRITON_HOW),
+    Route("late_interaction", "chunked", "xloss.late_interaction.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT,
+          _always),
+    Route("gram", "triton", "xloss.gram.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
+    Route("gram", "chunked", "xloss.gram.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
+    Route("symile", "triton", "xloss.symile.triton", ("cuda",), _LOW_PRECISION, _triton_runs, _symile_fits,
+          why_not=_TRITON_HOW),
+    Route("symile", "chunked", "xloss.symile.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
+    Route("banzhaf", "compiled", "xloss.banzhaf.compiled", ("cpu", "cuda"), _ANY_FLOAT,
+          _compiled_op("banzhaf_interaction"),
+          why_not="needs the compiled ops of xloss/csrc (built on first use; see xloss._ext.error())"),
+    Route("banzhaf", "chunked", "xloss.banzhaf.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
+)
+
+FAMILIES = tuple(dict.fromkeys(r.family for r in TABLE))
+
+
+def canonical(backend: str) -> str:
+    """The engine name of a backend string (aliases mapped); ValueError for an unknown one."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return ALIASES.get(backend, backend)
+
+
+def routes(family: str) -> tuple[Route, ...]:
+    return tuple(r for r in TABLE if r.family == family)
+
+
+def resolve(family: str, backend: str, device: torch.device, dtype: torch.dtype | None = None, **problem) -> str:
+    """The engine to run for ``family`` on tensors of ``device``/``dtype``: one of :data:`ENGINES`.
+
+    ``problem`` holds what a route's ``fits`` looks at (e.g. ``modalities=`` for Symile).
+    """
+    name = canonical(backend)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown loss family {family!r}")
+    if name == "auto":
+        env = os.environ.get("XLOSS_BACKEND", "").strip()
+        if env and env != "auto":
+            # The environment variable prefers an engine wherever it applies: a family without that engine,
+            # or a dtype / problem it does not take, keeps "auto"'s choice; a device it cannot run on raises,
+            # as an explicit choice would.
+            chosen = canonical(env) if env in BACKENDS else None
+            if chosen is None:
+                raise ValueError(f"XLOSS_BACKEND must be one of {BACKENDS}, got {env!r}")
+            found = [r for r in routes(family) if r.engine == chosen]
+            if chosen == "reference" or (found and (dtype is None or dtype in found[0].dtypes)
+                                         and found[0].fits(**problem)):
+                return resolve(family, env, device, dtype, **problem)
+        for r in routes(family):
+            if (device.type in r.auto_devices and (dtype is None or dtype in r.dtypes) and r.fits(**problem)
+                    and r.runs(device)):
+                return r.engine
+        raise RuntimeError(f"no engine of {family} runs {dtype} tensors on {device}")  # pragma: no cover
+    if name == "reference":
+        return name
+    found = [r for r in routes(family) if r.engine == name]
+    if not found:
+        have = ", ".join(repr(r.engine) for r in routes(family))
+        raise RuntimeError(f"backend={backend!r} is not available for {family} (it has {have} and 'reference'); "
+                           "use backend='auto'")
+    r = found[0]
+    if r.engine == "triton" and not triton_available():
+        raise RuntimeError(f"backend={backend!r} was requested but Triton is not installed (pip install triton)")
+    if not r.runs(device):
+        raise RuntimeError(f"backend={backend!r} needs CUDA tensors (got {device}) for {family}: {r.why_not}"
+                           if r.engine == "triton" and device.type != "cuda" else
+                           f"backend={backend!r} for {family} cannot run on {device} tensors here: {r.why_not}")
+    return r.engine
+
+
+@functools.cache
+def engine(family: str, name: str):
+    """The module of ``family``'s engine ``name`` (imported on first use: Triton is optional)."""
+    for r in routes(family):
+        if r.engine == name:
+            return importlib.import_module(r.module)
+    raise ValueError(f"{family} has no engine {name!r}")
+
+
+def available_backends() -> dict:
+    """What this machine can run, for users and the benchmark header: engine names (and the old aliases)."""
+    from . import _ext
+
+    triton_ok = triton_available() and (torch.cuda.is_available() or triton_interpret())
+    cuda_ok = compiled_cuda_available()
+    return {
+        "chunked": True,
+        "reference": True,
+        "triton": triton_ok,
+        "compiled": _ext.available() or cuda_ok,  # loaded already; never builds here
+        "cpu": True,  # alias of "chunked"
+        "cuda": cuda_ok,  # the compiled ops with CUDA kernels
+    }
+
+
+__all__ = ["ALIASES", "BACKENDS", "ENGINES", "TABLE", "available_backends", "canonical", "engine", "resolve",
+           "routes", "triton_available", "triton_interpret"]

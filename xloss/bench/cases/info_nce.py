@@ -1,0 +1,83 @@
+"""The "info_nce" family: InfoNCE / CLIP loss, xloss against naive PyTorch and (``--baselines inf_cl``) inf_cl.
+
+The shape tuple is (N, M, D): ``q [N, D]`` against ``k [M, D]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import Family, Impl, Shape, missing, register, xloss_backend
+
+CLIP_MAX_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100: a realistic, numerically demanding scale
+
+# Peak of the naive InfoNCE forward+backward, measured as RSS growth on CPU fp32 (N=M=1024/2048/4096, D=512):
+# 5.5 / 5.4 / 4.1 × N·M·itemsize (the logits, two log-softmaxes and their gradients).  5 plus the O((N+M)·D)
+# gradients is a fair, slightly generous estimate for the skip decision.
+NAIVE_INFO_NCE_FACTOR = 5.0
+
+
+def info_nce_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+    """L2-normalised random ``q [N, D]``, ``k [M, D]`` and a 0-dim fp32 scale of 100, all requiring grad."""
+    n, m, d = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def features(rows: int) -> torch.Tensor:
+        x = torch.randn(rows, d, generator=gen, device=device)
+        return torch.nn.functional.normalize(x, dim=-1).to(dtype).requires_grad_()
+
+    scale = torch.tensor(CLIP_MAX_SCALE, device=device, requires_grad=True)
+    return {"q": features(n), "k": features(m), "scale": scale}
+
+
+def _info_nce_xloss(inputs: dict) -> None:
+    import xloss
+
+    xloss.info_nce(inputs["q"], inputs["k"], logit_scale=inputs["scale"]).backward()
+
+
+def _info_nce_naive(inputs: dict) -> None:
+    from xloss import reference
+
+    reference.info_nce(inputs["q"], inputs["k"], logit_scale=inputs["scale"]).backward()
+
+
+def _inf_cl_head_dim(d: int) -> int:
+    """inf_cl splits D into heads of 16..256 channels: the largest that divides D."""
+    return next((h for h in (256, 128, 64, 32, 16) if d % h == 0), d)
+
+
+def _info_nce_inf_cl(inputs: dict) -> None:
+    # inf_cl's loss is one-way (rows); CLIP's symmetric loss is the mean of image→text and text→image.
+    from inf_cl import cal_inf_loss
+
+    q, k, s = inputs["q"], inputs["k"], inputs["scale"]
+    h = _inf_cl_head_dim(q.shape[1])
+    loss = (cal_inf_loss(q, k, scale=s, head_dim=h) + cal_inf_loss(k, q, scale=s, head_dim=h)) / 2
+    loss.backward()
+
+
+def _info_nce_naive_peak(shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
+    n, m, d = shape
+    size = torch.empty((), dtype=dtype).element_size()
+    return int(NAIVE_INFO_NCE_FACTOR * n * m * size + 2 * (n + m) * d * size)
+
+
+register(
+    Family(
+        name="info_nce",
+        make_inputs=info_nce_inputs,
+        xloss=Impl("xloss", "xloss.info_nce", _info_nce_xloss, xloss_backend("info_nce")),
+        naive=Impl(
+            "naive", "xloss.reference.info_nce", _info_nce_naive, lambda device: "reference",
+            estimate_peak_bytes=_info_nce_naive_peak,
+        ),
+        extras={
+            "inf_cl": Impl(
+                "inf_cl", "inf_cl.cal_inf_loss (×2, symmetric)", _info_nce_inf_cl, lambda device: "triton",
+                unavailable=missing("inf_cl"),
+            ),
+        },
+        flops=lambda shape: 8.0 * shape[0] * shape[1] * shape[2],  # 4 GEMM sweeps (SPEC.md §1)
+    )
+)

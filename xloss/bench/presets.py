@@ -1,0 +1,79 @@
+"""Presets: which shapes, dtype, device, number of runs and baselines ``--preset NAME`` measures.
+
+``PRESETS[name][device type]`` is a :class:`Preset`; options given on the command line override its fields
+(see :func:`xloss.bench.cli.resolve_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .registry import Shape
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Shapes, dtype, number of timed runs and baselines for one device type."""
+
+    shapes: tuple[Shape, ...]
+    dtype: str
+    runs: int = 3
+    baselines: tuple[str, ...] = ("naive",)
+    families: tuple[str, ...] | None = None  # what "--family all" runs; None: every registered family
+    family_shapes: dict[str, tuple[Shape, ...]] | None = None  # shapes of a family, instead of `shapes`
+
+
+def _square(sizes: Sequence[int], d: int) -> tuple[Shape, ...]:
+    return tuple((n, n, d) for n in sizes)
+
+
+PRESETS: dict[str, dict[str, Preset]] = {
+    "default": {
+        "cpu": Preset(
+            _square((1024, 2048, 4096, 8192, 16384), 512), "float32",
+            families=("info_nce", "late_interaction", "maxsim_scoring", "gram", "symile", "sigmoid"),
+            family_shapes={
+                "late_interaction": _square((64, 128, 256), 128),  # Lq=32, Ld=180
+                "maxsim_scoring": ((64, 250, 128), (64, 1000, 128)),  # Lq=32, Ld=300
+                "gram": _square((1024, 2048, 4096), 512),  # k=4 modalities
+                "symile": _square((128, 256, 512), 256),  # M=3, "n_squared"
+            },
+        ),
+        "cuda": Preset(
+            _square((4096, 8192, 16384, 32768, 65536), 768), "bfloat16",
+            families=("info_nce", "late_interaction"),
+            family_shapes={"late_interaction": _square((256, 1024), 128)},  # the ColBERT training shape
+        ),
+    },
+    "acceptance-cpu": {
+        "cpu": Preset(((16384, 16384, 512), (65536, 65536, 256)), "float32", families=("info_nce",)),
+    },
+    # Late interaction, CPU fp32: training at Nq=Nd=256 (Lq=32, Ld=180) and scoring 64 queries against 1000
+    # documents (Lq=32, Ld=300), D=128.
+    "late-interaction-cpu": {"cpu": Preset(
+        ((256, 256, 128),), "float32", families=("late_interaction", "maxsim_scoring"),
+        family_shapes={"maxsim_scoring": ((64, 1000, 128),)},
+    )},
+    # The compiled CPU MaxSim op: one query of 32 tokens against 1000 documents, D=128, fixed 300 tokens and
+    # ragged 50-800 tokens; baselines the naive padded scorer and the maxsim-cpu package.
+    "maxsim-op-cpu": {"cpu": Preset(
+        ((1, 1000, 128),), "float32", runs=5, baselines=("naive", "maxsim_cpu"),
+        families=("maxsim_cpu_op", "maxsim_cpu_op_ragged"),
+    )},
+    # Symile "n_squared" (M = 3), CPU fp32: training at N=512, D=256.
+    "symile-cpu": {"cpu": Preset(((512, 512, 256),), "float32", families=("symile",))},
+    # Forward only at N=1024, D=256: xloss within a few hundred MiB, the naive [N, N^2] logits need ~13 GiB.
+    "symile-forward-cpu": {"cpu": Preset(((1024, 1024, 256),), "float32", runs=1, families=("symile_forward",))},
+    # GRAM, k = 4 modalities, CPU fp32: N=4096, D=512 (the naive [N, N, 4, 4] Gram tensor alone is 1 GiB).
+    "gram-cpu": {"cpu": Preset(((4096, 4096, 512),), "float32", families=("gram",))},
+    # HBI's Banzhaf interaction, CPU fp32: B=32 pairs, T=32 words, V=12 frames, 10 samples (shape = (B, T, V)).
+    "banzhaf-cpu": {"cpu": Preset(((32, 32, 12),), "float32", runs=1, families=("banzhaf",))},
+    # Sigmoid loss (SigLIP), CPU fp32: the acceptance shape N = M = 16384, D = 512.
+    "sigmoid-cpu": {"cpu": Preset(((16384, 16384, 512),), "float32", families=("sigmoid",))},
+    "gpu": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", baselines=("naive", "inf_cl"), families=("info_nce",))},
+    "quick": {
+        "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),
+        "cuda": Preset(_square((1024, 2048), 128), "float32", runs=2, families=("info_nce",)),
+    },
+}

@@ -1,0 +1,103 @@
+"""Where the keys come from in each InfoNCE sweep: one process, a ring of ranks, or an all-gather.
+
+The loss formula lives once, in :class:`~xloss.infonce.InfoNCEFunction`; these two functions only move data so
+that its statistics and gradients are those of the whole (concatenated) batch:
+
+* ``lse``: the row statistics of this rank's queries over every key, the column statistics of every key over
+  every query (``[2, M]``, global), and each query's positive logit;
+* ``grad``: the softmax part and the target part of ``dq`` for this rank's queries and of ``dk`` for this rank's
+  keys, complete (summed over the queries of every rank).
+
+``comm.exchange`` picks the data movement (see ``xloss/_comm.py``): ``"local"`` (one process: the engine sweeps
+once), ``"all_gather"`` (every key on every rank; column statistics merged by all_reduce; ``dk`` summed with a
+reduce_scatter) or ``"ring"`` (the Inf-CL idea: key blocks travel around the ring while the current block's
+tiles are computed; column statistics and ``dk`` accumulators travel with their block and arrive back,
+complete, at its owner; memory flat in the world size).  The engine sweeps run through the custom ops of
+``ops.py`` in every case.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _comm
+from . import ops
+
+
+def lse(comm, q, k, s, labels, symmetric: bool, keep_logits: bool, engine: str):
+    """``(row [2, n], col [2, M] | None, z_pos [n], keys [M, D] | None, logits | None)``.
+
+    ``keys`` are the gathered keys (all_gather only, saved for backward); ``logits`` the kept logits (one
+    process, chunked engine, small problems only).
+    """
+    if comm.exchange == "ring":
+        row, col, z_pos = _ring_lse(comm, q, k, s, labels, symmetric, engine)
+        if symmetric:  # O(M) per-key statistics of every key: for the queries whose positive lives elsewhere
+            col = comm.gather_keys(col.T.contiguous()).T
+        return row, col, z_pos, None, None
+    keys = comm.gather_keys(k)
+    row, col, z_pos, logits = ops.lse(q, keys, s, labels, symmetric, keep_logits, engine)
+    if symmetric and not comm.is_local:
+        mx = comm.all_reduce(col[0].clone(), torch.distributed.ReduceOp.MAX)
+        total = comm.all_reduce(torch.exp((col[0] - mx) + col[1]))
+        col = torch.stack([mx, total.log()])
+    return row, col, z_pos, (None if comm.is_local else keys), logits
+
+
+def grad(comm, q, k, keys, s, row, col, a, w, labels, pos, logits, engine: str):
+    """``(dq [n, D], dk [m, D])``, unscaled, accumulation dtype: the softmax part ``P k``, ``Pᵀ q`` with the
+    weights ``a`` (rows) and ``w`` (columns, global ``[M]``), minus the target part ``pos_i`` at
+    ``(i, labels[i])``; ``dk`` complete for this rank's keys."""
+    acc = row.dtype
+    qf = q.to(acc)
+    if comm.exchange == "ring":
+        return _ring_grad(comm, q, k, s, row, col, a, w, labels, pos, engine)
+    kk = k if keys is None else keys
+    dq, dk = ops.grad(q, kk, s, row, col, a, w, logits, engine)
+    dq -= pos[:, None] * kk[labels].to(acc)
+    dk.index_add_(0, labels, -pos[:, None] * qf)
+    return dq, comm.scatter_keys(dk)
+
+
+def _ring_lse(comm, q, k, s, labels, symmetric, engine):
+    """Forward ring: row statistics of the local queries over all keys, the complete column statistics of the
+    local keys (``[2, m_r]``, after their trip around the ring) and each local query's positive logit."""
+    row = col_works = col_in = sent = z_pos = None
+    lay = comm.layout
+    for t, (off, mb, block) in enumerate(_comm.KeyRing(comm, k)):
+        rel, inside = _comm.block_labels(labels, off, mb)
+        r_part, c_part, zp, _ = ops.lse(q, block, s, rel, symmetric, False, engine)
+        row = r_part if row is None else _comm.merge_stats(row, r_part)
+        z_pos = torch.where(inside, zp, zp.new_zeros(()) if z_pos is None else z_pos)
+        if symmetric:
+            if t > 0:  # this block's statistics so far, from the ranks it visited before (small: [2, m_b])
+                _comm.wait(col_works)
+                c_part = _comm.merge_stats(col_in, c_part)
+            b = (comm.rank - t) % comm.size
+            col_in = c_part.new_empty(2, lay.m[(b - 1) % comm.size])
+            sent = c_part.contiguous()  # kept alive until its work is waited on
+            col_works = comm.ring(sent, col_in, _comm.TAG_COL)  # the last hop returns it to its owner
+    _comm.wait(col_works)
+    del sent
+    return row, col_in, z_pos
+
+
+def _ring_grad(comm, q, k, s, row, col, a, w, labels, pos, engine):
+    """Backward ring: ``dq`` of the local queries, and the complete ``dk`` of the local keys, whose accumulator
+    travels around the ring (every rank adds its queries' part) and arrives back at its owner."""
+    acc = row.dtype
+    qf = q.to(acc)
+    dq = None
+    dk_ring = _comm.AccRing(comm, k.shape[1], acc, q.device)
+    for off, mb, block in _comm.KeyRing(comm, k):
+        blk = slice(off, off + mb)
+        dq_b, dk_b = ops.grad(q, block, s, row, None if col is None else col[:, blk], a,
+                              None if w is None else w[blk], None, engine)
+        rel, inside = _comm.block_labels(labels, off, mb)
+        p = torch.where(inside, pos, pos.new_zeros(()))  # target terms of the queries whose positive is here
+        dq_b -= p[:, None] * block[rel].to(acc)
+        dk_b.index_add_(0, rel, -p[:, None] * qf)
+        dq = dq_b if dq is None else dq.add_(dq_b)
+        dk_ring.add_and_pass(dk_b)
+        del dk_b
+    return dq, dk_ring.finish()

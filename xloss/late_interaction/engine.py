@@ -1,0 +1,69 @@
+"""The interface every late-interaction engine implements (``chunked.py``, ``triton.py``), stated once.
+
+The autograd Function (``__init__``) runs the two sweeps through the custom ops of ``ops.py``
+(``xloss::maxsim_forward``, ``xloss::maxsim_backward``); the token weights before (mask, mean normalisation,
+user weights) and the cross-entropy after are plain torch ops in the public functions, once for every engine.
+
+Shapes: ``q [Nq, Lq, D]``, ``d [Nd, Ld, D]`` (same dtype: float32/float16/bfloat16, and float64 for the chunked
+engine; the Triton engine raises TypeError for float64); ``q_w [Nq, Lq]``, ``d_w [Nd, Ld]`` the final token
+weights (0 for invalid tokens) in the accumulation dtype (fp32 for half and fp32 inputs, fp64 for fp64), ``d_w``
+None unless ``d2q``; ``q_valid [Nq, Lq]``, ``d_valid [Nd, Ld]`` bool.  Indices are int16 (int32 when the other
+side has more than 32767 tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import Tensor
+
+Aux = tuple[Tensor, Tensor | None] | None  # (idx, val) of one direction; val None when not needed
+Six = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+Four = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+
+
+class MaxSimEngine(Protocol):
+    """Every query against every document (``maxsim``, ``late_interaction_loss``)."""
+
+    def maxsim_fwd(self, q: Tensor, d: Tensor, q_w: Tensor, d_w: Tensor | None, q_valid: Tensor, d_valid: Tensor,
+                   zero_mode: bool, q2d: bool, d2q: bool, *, need_aux: bool = True) -> Six:
+        """Forward sweep: the scores of one or both directions from the same similarity tiles.
+
+        ``zero_mode``: invalid tokens score exactly 0 and still compete for the max (PyLate); else they never
+        win (``exclude``).  ``need_aux``: also return the arg-max indices and maxima (for the backward); False
+        returns None for them and skips the index search.
+
+        Returns:
+            ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)``, None for a direction not asked:
+            ``s_q2d [Nq, Nd] = Σ_t q_w[a,t]·val_q2d[a,b,t]``, ``val_q2d [Nq, Nd, Lq]`` the max over the document
+            tokens (0 where none is valid), ``idx_q2d [Nq, Nd, Lq]`` its arg-max (lowest on ties, -1 where none
+            is valid); d2q the same with ``[Nq, Nd, Ld]`` and ``d_w``.  Accumulation dtype.
+        """
+
+    def maxsim_bwd(self, q: Tensor, d: Tensor, q_w: Tensor, d_w: Tensor | None, q_valid: Tensor, d_valid: Tensor,
+                   zero_mode: bool, aux_q2d: Aux, aux_d2q: Aux, g_q2d: Tensor | None, g_d2q: Tensor | None,
+                   need_q: bool, need_d: bool, need_qw: bool, need_dw: bool) -> Four:
+        """Gradient sweep: the incoming ``g_q2d``/``g_d2q [Nq, Nd]`` (None: none) routed through the arg-max
+        indices of ``aux_*`` (``(idx, val)`` of the forward; None for a direction not computed).
+
+        Returns:
+            ``(dq [Nq, Lq, D], dd [Nd, Ld, D], dq_w [Nq, Lq], dd_w [Nd, Ld])`` in the accumulation dtype, None
+            where not needed (or zero).
+        """
+
+
+class MaxSimPairsEngine(Protocol):
+    """Query a against document a only (``maxsim_pairs``): the chunked engine alone implements it."""
+
+    def maxsim_pairs_fwd(self, q: Tensor, d: Tensor, q_w: Tensor, d_w: Tensor | None, q_valid: Tensor,
+                         d_valid: Tensor, zero_mode: bool, q2d: bool, d2q: bool, *, need_aux: bool = True) -> Six:
+        """As :meth:`MaxSimEngine.maxsim_fwd` with ``Nq == Nd == N``: ``s [N]``, ``idx``/``val [N, Lq]`` (q2d) and
+        ``[N, Ld]`` (d2q)."""
+
+    def maxsim_pairs_bwd(self, q: Tensor, d: Tensor, q_w: Tensor, d_w: Tensor | None, q_valid: Tensor,
+                         d_valid: Tensor, zero_mode: bool, aux_q2d: Aux, aux_d2q: Aux, g_q2d: Tensor | None,
+                         g_d2q: Tensor | None, need_q: bool, need_d: bool, need_qw: bool, need_dw: bool) -> Four:
+        """As :meth:`MaxSimEngine.maxsim_bwd` for the aligned-pair scores (``g [N]``)."""
+
+
+__all__ = ["MaxSimEngine", "MaxSimPairsEngine"]
