@@ -453,6 +453,8 @@ def test_ring_memory_is_flat_in_world_size(worlds):
     growth_ring = peak["ring", 4] - peak["ring", 2]
     growth_gather = peak["all_gather", 4] - peak["all_gather", 2]
     assert growth_gather > 3 * block, f"all_gather peaks do not show the gathered keys: {shown}"
-    assert growth_ring < 1.5 * block, f"ring peak grew from 2 to 4 ranks: {shown}"
+    # One receive buffer more (one block) is expected; the rest is allocator noise, which under a loaded machine
+    # was seen to move a peak by ~2 MiB (half a block).  all_gather grows by ~6 blocks here.
+    assert growth_ring < 2 * block, f"ring peak grew from 2 to 4 ranks: {shown}"
     assert peak["ring", 4] < 7 * block, f"ring peak is more than a few key blocks: {shown}"
     assert peak["ring", 4] < peak["all_gather", 4] - 2 * block, shown

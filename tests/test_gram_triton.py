@@ -12,14 +12,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on CPU tensors
-else:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # TRITON_INTERPRET=0 runs the compiled kernels
-
 import pytest
+import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed: the triton backend of gram cannot be tested", allow_module_level=True)
@@ -28,7 +22,7 @@ import xloss
 from xloss import reference as R
 from xloss.gram import triton as tri
 
-INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # set by tests/conftest.py
 DEVICE = "cpu" if INTERPRET else "cuda"
 D = 20
 

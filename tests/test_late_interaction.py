@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import engines
 import pytest
 import torch
 import torch.nn.functional as F
@@ -551,3 +552,38 @@ def test_module_token_reduction_and_old_name():
     with pytest.warns(DeprecationWarning, match="score_reduction"):
         old = xnn.LateInteractionLoss(logit_scale=2.0, score_reduction="mean")
     assert old.token_reduction == old.score_reduction == "mean" and "token_reduction='mean'" in repr(old)
+
+
+# ----------------------------------------------------------------------------- one body: engine × mode
+@pytest.mark.parametrize("mode", engines.MODES)
+@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize("direction", ["q2d", "d2q", "both"])
+def test_engine_mode_matrix(engine, mode, direction):
+    """Every engine, eager and compiled, against the fp64 reference: the loss with masks, token weights and
+    duplicate labels, and the gradients of q, d, both token weights and the scale."""
+    dtype = engines.dtype_of(engine)
+    q, d, q_mask, d_mask, q_w, d_w = make_inputs(4, 6, 5, 7, 8, seed=62)
+    q_mask, d_mask = q_mask.to(engines.DEVICE), d_mask.to(engines.DEVICE)
+    labels = _labels("dup", 4, 6).to(engines.DEVICE)
+
+    weights = {"q2d": [q_w], "d2q": [d_w], "both": [q_w, d_w]}[direction]  # what each direction weights
+
+    def inputs(dt):
+        leaves = [q, d, *weights, torch.tensor(3.0, dtype=torch.float64)]
+        return [t.detach().to(engines.DEVICE, dt).requires_grad_() for t in leaves]
+
+    def fn(backend):
+        def loss(q, d, *rest):
+            w = dict(zip({"q2d": ["q_weights"], "d2q": ["d_weights"], "both": ["q_weights", "d_weights"]}[direction],
+                         rest[:-1]))
+            return xloss.late_interaction_loss(q, d, q_mask, d_mask, logit_scale=rest[-1], labels=labels,
+                                               direction=direction, label_smoothing=0.1, backend=backend, **w)
+
+        return loss
+
+    got = engines.run(fn(engine), inputs(dtype), mode)
+    gold = engines.run(fn("reference"), inputs(torch.float64), "eager")
+    naive = engines.run(fn("reference"), inputs(dtype), "eager")
+    score = float(q.abs().max() * d.abs().max()) * 8 * 7 * 1.5  # L token maxima of D-term dots, weighted
+    mags = [3.0 * score * 6] * len(gold)
+    engines.check_engine(engine, got, gold, naive, magnitudes=mags)

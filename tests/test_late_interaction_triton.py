@@ -21,14 +21,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on CPU tensors
-else:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # TRITON_INTERPRET=0 runs the compiled kernels
-
 import pytest
+import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed: the triton backend of maxsim cannot be tested",
@@ -36,7 +30,7 @@ if importlib.util.find_spec("triton") is None:
 
 from xloss.late_interaction import triton as tri
 
-INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # set by tests/conftest.py
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 # (Nq, Nd, Lq, Ld, D).  Lq = 33 / Ld = 33 are longer than one interpreter tile (MAX_T = 32); D = 33 takes the

@@ -8,6 +8,7 @@ All shapes are tiny: the machine has 2 shared cores.
 
 from __future__ import annotations
 
+import engines
 import pytest
 import torch
 
@@ -249,3 +250,29 @@ def test_one_function_and_ops():
         torch.testing.assert_close(xloss.symile_loss(*reps, logit_scale=2.0, negative_sampling="n_squared",
                                                      backend=backend),
                                    reference.symile_loss(reps, 2.0, "n_squared"), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- one body: engine × mode
+@pytest.mark.parametrize("mode", engines.MODES)
+@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize("m", [3, 4])
+def test_engine_mode_matrix(engine, mode, m):
+    """Every engine, eager and compiled, against the fp64 reference: "n_squared" loss and the gradients of every
+    modality and of the scale."""
+    dtype = engines.dtype_of(engine)
+    reps64 = make_reps(m, n=6, d=5, seed=61)
+
+    def inputs(dt):
+        leaves = [*reps64, torch.tensor(1.5, dtype=torch.float64)]
+        return [t.detach().to(engines.DEVICE, dt).requires_grad_() for t in leaves]
+
+    def fn(backend):
+        return lambda *xs: xloss.symile_loss(*xs[:-1], logit_scale=xs[-1], negative_sampling="n_squared",
+                                             backend=backend)
+
+    got = engines.run(fn(engine), inputs(dtype), mode)
+    gold = engines.run(fn("reference"), inputs(torch.float64), "eager")
+    naive = engines.run(fn("reference"), inputs(dtype), "eager")
+    n, z = 6, float(max(r.abs().max() for r in reps64)) ** m * 5 * 1.5  # terms: n^(m-1) logits of size |z|
+    mags = [z * n ** (m - 1)] * len(gold)
+    engines.check_engine(engine, got, gold, naive, magnitudes=mags)

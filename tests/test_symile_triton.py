@@ -11,14 +11,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on CPU tensors
-else:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # TRITON_INTERPRET=0 runs the compiled kernels
-
 import pytest
+import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed: the triton backend of symile cannot be tested", allow_module_level=True)
@@ -29,7 +23,7 @@ from xloss import symile
 from xloss.symile import chunked as _cpu
 from xloss.symile import triton as tri
 
-INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # set by tests/conftest.py
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 
