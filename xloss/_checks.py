@@ -161,3 +161,25 @@ def check_token_weights(name: str, weights, shape: tuple, device: torch.device, 
         raise ValueError(f"{name} must have shape {tuple(shape)} (the first two dims of {of}), got {_shape(weights)}")
     if weights.device != device:
         raise ValueError(f"{name} must be on the same device as {of} ({device}), got {weights.device}")
+
+
+def check_query_key(query, key) -> None:
+    """The two-tower inputs: 2-D float tensors of one dtype and device with the same feature dimension D."""
+    check_float_tensor("query", query, ndim=2)
+    check_float_tensor("key", key, ndim=2)
+    check_same_dtype_device(query=query, key=key)
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"query and key must have the same feature dimension D, got query {tuple(query.shape)} "
+            f"and key {tuple(key.shape)}"
+        )
+
+
+def distinct_inputs(tensors) -> list:
+    """The tensors, each one passed more than once replaced by a view of itself after its first place: the same
+    values and gradients (autograd sums them into the tensor), but distinct inputs of ``Function.apply``, which
+    torch.compile does not trace with a repeated tensor (e.g. ``symile_loss(x, y, x)``)."""
+    out = []
+    for t in tensors:
+        out.append(t.view_as(t) if any(t is u for u in out) else t)
+    return out

@@ -73,6 +73,10 @@ class LocalComm:
     def scatter_keys(self, x):
         return x
 
+    def default_labels(self, n, device):
+        """Query i's positive: key i."""
+        return torch.arange(n, device=device)
+
     def reduce(self, terms, reduction: str, total_rows):
         """The loss from this rank's per-row terms: mean, sum, or the terms ("none")."""
         return reduce_terms(terms, reduction)
@@ -162,6 +166,10 @@ class GroupComm:
     def scatter_keys(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x [M, ...]`` over ranks; this rank's ``[m_r, ...]`` rows."""
         return self.layout.scatter_keys(self, x)
+
+    def default_labels(self, n, device):
+        """Local query i's positive: the global key ``offset_r + i`` (local key i)."""
+        return torch.arange(n, device=device) + self.key_offset()
 
     def reduce(self, terms, reduction: str, total_rows):
         """The global loss (the same bits on every rank) from this rank's per-row terms; "none": the terms."""
@@ -371,7 +379,8 @@ def check_global_labels(labels, n: int, device: torch.device) -> None:
         raise ValueError(f"labels must be on the same device as query ({device}), got {labels.device}")
 
 
-def make(group, exchange: str, grad_reduction: str, query, key, labels, scales, need_grad: bool):
+def make(group, exchange: str, grad_reduction: str, query, key, labels, scales, need_grad: bool,
+         engine: str = ""):
     """The communicator of one call, and whether any rank needs gradients.
 
     :data:`LOCAL` for ``group=None``, torch.distributed not initialised or a one-rank group.  Otherwise a
@@ -383,6 +392,9 @@ def make(group, exchange: str, grad_reduction: str, query, key, labels, scales, 
     _checks.check_choice("grad_reduction", grad_reduction, GRAD_REDUCTIONS)
     if group is None or world_size(group) == 1:
         return LOCAL, need_grad
+    if engine == "reference":  # raised on every rank before any collective
+        raise ValueError("backend='reference' is single-process only; with a group use 'auto', 'chunked' or "
+                         "'triton'")
     if torch.compiler.is_compiling():
         raise ValueError("group= (cross-rank negatives) is not supported inside torch.compile yet: call the loss "
                          "with group= outside the compiled function, or compile with group=None")

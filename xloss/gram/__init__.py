@@ -118,16 +118,6 @@ def _cast(ga, gx, anchor, others, needs):
     return [ga] + [g.to(x.dtype) if need else None for g, x, need in zip(gx, others, needs[4:])]
 
 
-def _distinct(tensors) -> list[torch.Tensor]:
-    """The tensors, each one passed more than once replaced by a view of itself after its first place: the same
-    values and gradients (autograd sums them into the tensor), but distinct inputs of ``Function.apply``, which
-    torch.compile does not trace with a repeated tensor (e.g. ``symile_loss(x, y, x)``)."""
-    out = []
-    for t in tensors:
-        out.append(t.view_as(t) if any(t is u for u in out) else t)
-    return out
-
-
 def _split(modalities, what: str):
     """``(anchor, others)`` from the varargs: the first tensor is the anchor."""
     if not modalities:
@@ -209,7 +199,8 @@ def gram_volume(*modalities: torch.Tensor, pairwise: bool = True, eps: float = 0
         return _reference.gram_volume(anchor, *others, pairwise=pairwise, eps=eps)
     if not pairwise:  # O(N·p²·D) row-wise products: plain PyTorch (and autograd) for every backend
         return _chunked.aligned_volume(upcast(anchor), [upcast(x) for x in others], eps)
-    return GramFunction.apply(GramOptions("volume", eps, name), None, None, *_distinct([anchor, *others]))
+    inputs = _checks.distinct_inputs([anchor, *others])
+    return GramFunction.apply(GramOptions("volume", eps, name), None, None, *inputs)
 
 
 def gram_loss(*modalities: torch.Tensor, logit_scale=None, temperature=None, labels: torch.Tensor | None = None,
@@ -258,7 +249,7 @@ def gram_loss(*modalities: torch.Tensor, logit_scale=None, temperature=None, lab
                                     stopgrad_gathered=stopgrad_gathered, eps=eps, reduction=reduction)
     labels = torch.arange(n1, device=anchor.device) if labels is None else labels.long()
     options = GramOptions("loss", eps, name, float(label_smoothing), stopgrad_gathered, reduction)
-    return GramFunction.apply(options, scale, labels, *_distinct([anchor, *others]))
+    return GramFunction.apply(options, scale, labels, *_checks.distinct_inputs([anchor, *others]))
 
 
 __all__ = ["GramFunction", "GramOptions", "gram_loss", "gram_volume"]

@@ -161,26 +161,16 @@ def info_nce(
         0-dim loss, or ``[N]`` per-query terms for ``reduction="none"``; float32 for half inputs, float64 for
         float64 inputs.
     """
-    _checks.check_float_tensor("query", query, ndim=2)
-    _checks.check_float_tensor("key", key, ndim=2)
-    _checks.check_same_dtype_device(query=query, key=key)
-    if query.shape[1] != key.shape[1]:
-        raise ValueError(
-            f"query and key must have the same feature dimension D, got query {tuple(query.shape)} "
-            f"and key {tuple(key.shape)}"
-        )
+    _checks.check_query_key(query, key)
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     _checks.check_label_smoothing(label_smoothing)
     _checks.check_reduction(reduction)
     n, m = query.shape[0], key.shape[0]
     name = _dispatch.resolve("info_nce", backend, query.device, query.dtype)
-    if name == "reference" and _comm.world_size(group) > 1:
-        raise ValueError("backend='reference' is single-process only; with a group use 'auto', 'chunked' or "
-                         "'triton'")
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale))
-    comm, _ = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale], need_grad)
+    comm, _ = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale], need_grad, name)
     if comm.is_local:
         _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
     if name == "reference":
@@ -189,9 +179,7 @@ def info_nce(
             label_smoothing=label_smoothing, reduction=reduction,
         )
     if labels is None:
-        labels = torch.arange(n, device=query.device)
-        if not comm.is_local:
-            labels = labels + comm.key_offset()
+        labels = comm.default_labels(n, query.device)
     keep = comm.is_local and name == "chunked" and _chunked.keeps_logits(
         n, m, accumulation_dtype(query.dtype).itemsize)
     options = InfoNCEOptions(symmetric, float(label_smoothing), reduction, name, keep)

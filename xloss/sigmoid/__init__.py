@@ -145,27 +145,18 @@ def sigmoid_loss(
         0-dim loss, or ``[N]`` per-query terms for ``reduction="none"``; float32 for half inputs, float64 for
         float64 inputs.
     """
-    _checks.check_float_tensor("query", query, ndim=2)
-    _checks.check_float_tensor("key", key, ndim=2)
-    _checks.check_same_dtype_device(query=query, key=key)
-    if query.shape[1] != key.shape[1]:
-        raise ValueError(
-            f"query and key must have the same feature dimension D, got query {tuple(query.shape)} "
-            f"and key {tuple(key.shape)}"
-        )
+    _checks.check_query_key(query, key)
     _checks.check_reduction(reduction)
     if logit_scale is None and temperature is None:
         raise TypeError("logit_scale must be a float or a 0-dim tensor (or pass temperature=, its inverse), got None")
     n, m = query.shape[0], key.shape[0]
     name = _dispatch.resolve("sigmoid", backend, query.device, query.dtype)
-    if name == "reference" and _comm.world_size(group) > 1:
-        raise ValueError("backend='reference' is single-process only; with a group use 'auto', 'chunked' or "
-                         "'triton'")
     # A float (kept in fp64 until cast to the compute dtype) or a 0-dim tensor.
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     bias = _checks._scalar("logit_bias", logit_bias, query.device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale, bias))
-    comm, need_grad = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale, bias], need_grad)
+    comm, need_grad = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale, bias],
+                                 need_grad, name)
     if comm.is_local:
         _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
     if name == "reference":
@@ -173,9 +164,7 @@ def sigmoid_loss(
             query, key, logit_scale=scale, logit_bias=bias, labels=labels, reduction=reduction
         )
     if labels is None:
-        labels = torch.arange(n, device=query.device)
-        if not comm.is_local:
-            labels = labels + comm.key_offset()
+        labels = comm.default_labels(n, query.device)
     options = SigmoidOptions(reduction, name, need_grad)
     return SigmoidLossFunction.apply(query, key, scale, bias, labels.long(), options, comm)
 

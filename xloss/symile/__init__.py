@@ -79,16 +79,6 @@ def _engine(backend: str, reps: list[torch.Tensor]) -> str:
     return _dispatch.resolve("symile", backend, reps[0].device, reps[0].dtype, modalities=len(reps))
 
 
-def _distinct(tensors) -> list[torch.Tensor]:
-    """The tensors, each one passed more than once replaced by a view of itself after its first place: the same
-    values and gradients (autograd sums them into the tensor), but distinct inputs of ``Function.apply``, which
-    torch.compile does not trace with a repeated tensor (e.g. ``symile_loss(x, y, x)``)."""
-    out = []
-    for t in tensors:
-        out.append(t.view_as(t) if any(t is u for u in out) else t)
-    return out
-
-
 def _check_reps(reps) -> list[torch.Tensor]:
     reps = list(reps)
     if len(reps) < 2:
@@ -229,7 +219,7 @@ def symile_loss(
         return _reference.symile.symile_loss(reps, s, negative_sampling, permutations=permutations,
                                              reduction=reduction)
     acc = _tiling.accumulation_dtype(reps[0].dtype)
-    lse = SymileFunction.apply(SymileOptions(name), scale, *_distinct(reps))  # [M, N]
+    lse = SymileFunction.apply(SymileOptions(name), scale, *_checks.distinct_inputs(reps))  # [M, N]
     pos = reps[0].to(acc)
     for r in reps[1:]:
         pos = pos * r.to(acc)
