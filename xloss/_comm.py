@@ -392,12 +392,29 @@ def make(group, exchange: str, grad_reduction: str, query, key, labels, scales, 
     _checks.check_choice("grad_reduction", grad_reduction, GRAD_REDUCTIONS)
     if group is None or world_size(group) == 1:
         return LOCAL, need_grad
+    return _eager_make_group()(group, exchange, grad_reduction, query, key, labels, scales, need_grad, engine)
+
+
+# Under torch.compile a multi-rank call runs eagerly: the metadata exchange reads values on the host and the ring
+# is Python loops over point-to-point ops.  Dynamo breaks the graph here (and at the Function, which it cannot
+# trace with a GroupComm); with fullgraph=True it refuses, and names this reason.
+_EAGER_REASON = ("xloss: group= (cross-rank negatives) runs eagerly under torch.compile (a graph break): call the "
+                 "loss outside the fullgraph=True region, or compile without fullgraph")
+_EAGER = []
+
+
+def _eager_make_group():
+    """``_make_group`` wrapped with ``torch.compiler.disable``, made on first multi-rank call: the wrapper imports
+    torch._dynamo (seconds), which a single-process ``import xloss`` must not pay."""
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_make_group, reason=_EAGER_REASON))
+    return _EAGER[0]
+
+
+def _make_group(group, exchange, grad_reduction, query, key, labels, scales, need_grad, engine):
     if engine == "reference":  # raised on every rank before any collective
         raise ValueError("backend='reference' is single-process only; with a group use 'auto', 'chunked' or "
                          "'triton'")
-    if torch.compiler.is_compiling():
-        raise ValueError("group= (cross-rank negatives) is not supported inside torch.compile yet: call the loss "
-                         "with group= outside the compiled function, or compile with group=None")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     check_global_labels(labels, query.shape[0], query.device)

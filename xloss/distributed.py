@@ -40,8 +40,9 @@ Semantics
   ``grad_output`` on every rank (the normal case: the loss is one global number) every gradient above is
   ``grad_output ×`` that.  (The sigmoid loss with ``"mean"``/``"sum"`` forms its gradients in forward and
   scales them by this rank's ``grad_output``: same value on every rank assumed.)
-* **Under torch.compile**: ``group=`` is not supported inside a compiled function yet (a clear error); call the
-  loss with ``group=`` outside it.
+* **Under torch.compile**: a ``group=`` call runs eagerly behind a graph break (the metadata exchange reads
+  values on the host and the ring is Python loops over point-to-point ops), with the same values and gradients;
+  ``fullgraph=True`` refuses it and says why.  Single-process calls compile into one graph.
 * Every rank must call the loss, and every rank must run its backward (backward communicates too).
 
 Exchanges
