@@ -280,7 +280,7 @@ def _check_compile(world):
     """Under torch.compile (without fullgraph) a multi-rank loss runs eagerly behind a graph break: the same
     values and gradients as an eager call."""
     group = dist.group.WORLD
-    q, k, labels, default, grad, qs, ks = _batch(world, "uneven", 400)
+    q, k, labels, _, _, qs, ks = _batch(world, "uneven", 400)
     for name, fn in (("info_nce", lambda q, k: xloss.info_nce(2.0 * q, k, labels=labels[qs], label_smoothing=0.1,
                                                               group=group)),
                      ("sigmoid", lambda q, k: xloss.sigmoid_loss(2.0 * q, k, logit_scale=1.5, logit_bias=-1.0,
