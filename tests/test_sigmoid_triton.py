@@ -183,7 +183,7 @@ def test_float64_raises():
     q, k, labels, _ = _inputs(4, 4, 4, torch.float64)
     with pytest.raises(TypeError, match="float64"):
         tri.forward_backward(q, k, torch.tensor(1.0), torch.tensor(0.0), labels, True)
-    with pytest.raises(TypeError, match="use backend='cpu' for float64"):
+    with pytest.raises(TypeError, match=r"use backend='chunked' \(or 'auto'\) for float64"):
         xloss.sigmoid_loss(q, k, logit_scale=1.0, logit_bias=0.0, backend="triton")
 
 

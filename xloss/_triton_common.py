@@ -43,7 +43,7 @@ def unit_stride_rows(family: str, q: torch.Tensor, k: torch.Tensor):
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
         raise TypeError(
             f"the triton backend of {family} supports float32, float16 and bfloat16 inputs, got q {q.dtype} and "
-            f"k {k.dtype}; use backend='cpu' for float64"
+            f"k {k.dtype}; use backend='chunked' (or 'auto') for float64"
         )
     return (q if q.stride(1) == 1 else q.contiguous()), (k if k.stride(1) == 1 else k.contiguous())
 

@@ -14,7 +14,7 @@ D (the anchor chunk is loaded once for all p modalities), then the O(p²) polyno
   online row statistics of ``Z = −s·V`` (running max and Σ exp(z − max)), the row sums of ``V`` (label
   smoothing) and the positive ``V_{i, labels[i]}`` picked out of the tile that holds it; the column statistics go to
   per-program partial buffers ``[row_blocks, N2]`` (each program writes only its own row: no races, no atomics)
-  that ``_merge`` combines exactly in PyTorch, as ``info_nce/triton.py`` does.  Nothing N×N is stored.
+  that ``_merge`` combines exactly in PyTorch, as ``infonce/triton.py`` does.  Nothing N×N is stored.
 * ``_bwd_anchor_kernel``: a program owns ``BLOCK_I`` anchors, recomputes the tiles along j, forms the incoming
   ``dV`` (from a ``grad_out`` tensor, or from the loss: ``dZ = w_i(softmax_row − t) + w_j(softmax_col − t)``,
   ``dV = −s·dZ``), ``dg = dV·sign(g)/(2V)``, and accumulates ``da_i = 2a_i Σ_j dg_ij det_j − 2 Σ_r (dg∘h^r) X^r``
@@ -369,7 +369,7 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 class UnsupportedDtypeError(TypeError, RuntimeError):
     """float64 (or another dtype the kernels do not take) with an explicit ``backend="triton"``: a TypeError
-    about the input and a RuntimeError about the backend choice (what ``_backend.resolve`` raises when the
+    about the input and a RuntimeError about the backend choice (what ``_dispatch.resolve`` raises when the
     triton backend cannot run), so that either ``except`` clause catches it."""
 
 

@@ -1,6 +1,6 @@
-"""The Triton path of the sigmoid loss: the one-sweep ``forward_backward`` of ``cpu.py`` as a fused kernel.
+"""The Triton path of the sigmoid loss: the one-sweep ``forward_backward`` of ``chunked.py`` as a fused kernel.
 
-Same engine contract as ``cpu.py`` (see ``xloss/sigmoid/__init__.py``).  ``_sigmoid_kernel``: a program owns
+Same engine contract as ``chunked.py`` (``SigmoidEngine`` in ``engine.py``).  ``_sigmoid_kernel``: a program owns
 ``BLOCK_M`` query rows and walks the column blocks of its column split.  Per ``BLOCK_M × BLOCK_N`` tile it
 computes ``z = s·<q_i, k_j> + b`` with ``tl.dot`` (over ``BLOCK_D`` chunks of D when D is large), then in
 registers, with ``t = -y·z`` (``y = +1`` on the positive pair ``j = labels[i]``, else -1) and
@@ -19,7 +19,7 @@ the unscaled q: the launcher scales the sum), ``ds = Σ_i <q_i, (dZ k)_i>``, ``d
 per-row partial sums ``[split, n]`` (summed on the host side in a fixed order: deterministic).
 
 Column splits: a grid over row blocks alone has too few programs to fill a large GPU for small n, so the
-columns are split into ``split`` contiguous ranges (grid axis 1) as in ``xloss/info_nce/triton.py``; the
+columns are split into ``split`` contiguous ranges (grid axis 1) as in ``xloss/infonce/triton.py``; the
 programs of one row block then add their dq rows with atomics.
 
 Deterministic mode (``torch.are_deterministic_algorithms_enabled()`` or ``XLOSS_DETERMINISTIC=1``): no atomics.

@@ -218,7 +218,7 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 class UnsupportedDtypeError(TypeError, RuntimeError):
     """float64 (or another dtype the kernels do not take) with an explicit ``backend="triton"``: a TypeError
-    about the input and a RuntimeError about the backend choice (what ``_backend.resolve`` raises when the
+    about the input and a RuntimeError about the backend choice (what ``_dispatch.resolve`` raises when the
     triton backend cannot run), so that either ``except`` clause catches it."""
 
 
