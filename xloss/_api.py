@@ -48,8 +48,3 @@ def renamed(**old_to_new: str):
 
     return wrap
 
-
-def deprecated_value(fn_name: str, arg: str, old, new) -> None:
-    """Warn that ``arg=old`` is deprecated in favour of ``arg=new`` (one release)."""
-    warnings.warn(f"{fn_name}(): {arg}={old!r} is deprecated and will be removed in the next release; use "
-                  f"{arg}={new!r} instead", DeprecationWarning, stacklevel=3)

@@ -150,6 +150,7 @@ TABLE: tuple[Route, ...] = (
 )
 
 FAMILIES = tuple(dict.fromkeys(r.family for r in TABLE))
+_ROUTES = {family: tuple(r for r in TABLE if r.family == family) for family in FAMILIES}  # looked up per call
 
 
 def canonical(backend: str) -> str:
@@ -160,7 +161,7 @@ def canonical(backend: str) -> str:
 
 
 def routes(family: str) -> tuple[Route, ...]:
-    return tuple(r for r in TABLE if r.family == family)
+    return _ROUTES.get(family, ())
 
 
 def resolve(family: str, backend: str, device: torch.device, dtype: torch.dtype | None = None, **problem) -> str:

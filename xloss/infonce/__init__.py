@@ -53,7 +53,7 @@ class InfoNCEFunction(torch.autograd.Function):
         eps, symmetric = options.label_smoothing, options.symmetric
         N, M = comm.total_rows(q.shape[0]), comm.total_keys(k.shape[0])
         s = scale.detach().to(acc)
-        qf, kf = q.to(acc), k.to(acc)
+        qf, kf = (q.to(acc), k.to(acc)) if eps else (None, None)  # only smoothing needs them here
         sums = comm.all_reduce(torch.stack([qf.sum(0), kf.sum(0)])) if eps else None  # global Σ q, Σ k
         # z_pos comes from the same tiles as the maxima, so max - z_pos is exactly 0 when the positive wins.
         row, col, z_pos, keys, logits = sweeps.lse(comm, q, k, s, labels, symmetric, options.keep_logits,
@@ -89,12 +89,13 @@ class InfoNCEFunction(torch.autograd.Function):
             w = comm.all_reduce(torch.zeros(M, dtype=acc, device=q.device).index_add_(0, labels, a))
         s = scale.detach().to(acc)
         pos = (1 - eps) * (a + a if symmetric else a)  # weight of the target entry (i, labels[i])
-        dq, dk = sweeps.grad(comm, q, k, keys, s, row, col, a, w, labels, pos, logits, options.engine)
-        qf, kf = q.to(acc), k.to(acc)
+        qf = q.to(acc)
+        dq, dk = sweeps.grad(comm, q, qf, k, keys, s, row, col, a, w, labels, pos, logits, options.engine)
         if eps:  # the uniform ε/M and ε/N parts of smoothing; Σ_i a_i q_i and Σ_j w_j k_j are global sums
             qsum, ksum = sums[0], sums[1]
             off = comm.key_offset()
             w_own = w[off : off + m] if symmetric else None
+            kf = k.to(acc)
             aq, wk = comm.all_reduce(torch.stack([a @ qf, w_own @ kf if symmetric else torch.zeros_like(qsum)]))
             dq -= (eps / M) * a[:, None] * ksum
             dk -= (eps / M) * aq

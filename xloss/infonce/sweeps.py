@@ -44,14 +44,13 @@ def lse(comm, q, k, s, labels, symmetric: bool, keep_logits: bool, engine: str):
     return row, col, z_pos, (None if comm.is_local else keys), logits
 
 
-def grad(comm, q, k, keys, s, row, col, a, w, labels, pos, logits, engine: str):
+def grad(comm, q, qf, k, keys, s, row, col, a, w, labels, pos, logits, engine: str):
     """``(dq [n, D], dk [m, D])``, unscaled, accumulation dtype: the softmax part ``P k``, ``Pᵀ q`` with the
     weights ``a`` (rows) and ``w`` (columns, global ``[M]``), minus the target part ``pos_i`` at
-    ``(i, labels[i])``; ``dk`` complete for this rank's keys."""
+    ``(i, labels[i])``; ``dk`` complete for this rank's keys.  ``qf``: ``q`` in the accumulation dtype."""
     acc = row.dtype
-    qf = q.to(acc)
     if comm.exchange == "ring":
-        return _ring_grad(comm, q, k, s, row, col, a, w, labels, pos, engine)
+        return _ring_grad(comm, q, qf, k, s, row, col, a, w, labels, pos, engine)
     kk = k if keys is None else keys
     dq, dk = ops.grad(q, kk, s, row, col, a, w, logits, engine)
     dq -= pos[:, None] * kk[labels].to(acc)
@@ -82,11 +81,10 @@ def _ring_lse(comm, q, k, s, labels, symmetric, engine):
     return row, col_in, z_pos
 
 
-def _ring_grad(comm, q, k, s, row, col, a, w, labels, pos, engine):
+def _ring_grad(comm, q, qf, k, s, row, col, a, w, labels, pos, engine):
     """Backward ring: ``dq`` of the local queries, and the complete ``dk`` of the local keys, whose accumulator
     travels around the ring (every rank adds its queries' part) and arrives back at its owner."""
     acc = row.dtype
-    qf = q.to(acc)
     dq = None
     dk_ring = _comm.AccRing(comm, k.shape[1], acc, q.device)
     for off, mb, block in _comm.KeyRing(comm, k):
