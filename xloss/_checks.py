@@ -69,6 +69,35 @@ def check_labels(labels, n: int, num_classes: int, device: torch.device) -> None
     )
 
 
+def check_groups(name: str, groups, n: int, device: torch.device, of: str) -> None:
+    """Group ids (``query_groups`` / ``key_groups``): an integer tensor of shape ``[n]`` (one id per row of ``of``)
+    on ``device``.  Any integer values; two rows are positives of each other iff their ids are equal."""
+    if not isinstance(groups, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer group ids, got {type(groups).__name__}")
+    if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype (e.g. torch.long), got {groups.dtype}")
+    if groups.dim() != 1 or groups.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) (one group id per row of {of}), got {_shape(groups)}")
+    if groups.device != device:
+        raise ValueError(f"{name} must be on the same device as {of} ({device}), got {groups.device}")
+
+
+def check_query_key_groups(query_groups, key_groups, n: int, m: int, device: torch.device, labels) -> bool:
+    """``query_groups`` and ``key_groups`` come together, never with ``labels``; True when they are given."""
+    if query_groups is None and key_groups is None:
+        return False
+    if query_groups is None or key_groups is None:
+        missing = "key_groups" if key_groups is None else "query_groups"
+        raise ValueError(f"query_groups and key_groups go together: {missing} is missing")
+    if labels is not None:
+        raise ValueError("labels and query_groups/key_groups are mutually exclusive: groups already say which keys "
+                         "are each query's positives (give labels as query_groups=labels, "
+                         "key_groups=torch.arange(M) if that is what you mean)")
+    check_groups("query_groups", query_groups, n, device, "query")
+    check_groups("key_groups", key_groups, m, device, "key")
+    return True
+
+
 def check_positives(labels, n: int, m: int, device: torch.device, rows: str, cols: str, col_noun: str) -> None:
     """The positive of each of ``n`` rows among ``m`` candidates: ``labels`` checked when given; without
     labels the positive of row i is candidate i, which needs ``n <= m``."""

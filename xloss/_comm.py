@@ -61,6 +61,9 @@ class LocalComm:
     def key_offset(self):
         return 0
 
+    def query_offset(self):
+        return 0
+
     def all_reduce(self, x, op=None):
         return x
 
@@ -159,6 +162,9 @@ class GroupComm:
     def key_offset(self):
         return self.layout.k_off[self.rank]
 
+    def query_offset(self):
+        return self.layout.q_off[self.rank]
+
     def gather_keys(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x [m_r, ...]`` concatenated in rank order, ``[M, ...]``."""
         return self.layout.gather_keys(self, x)
@@ -231,8 +237,8 @@ class GroupComm:
         return x
 
     def global_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Σ over ranks of a 0-dim ``x``, summed in rank order so that every rank gets the same bits."""
-        return self.all_gather_rows(x.reshape(1))[:, 0].sum()
+        """Σ over ranks of ``x`` (any shape), summed in rank order so that every rank gets the same bits."""
+        return self.all_gather_rows(x.reshape(-1)).sum(0).reshape(x.shape)
 
 
 def _exchange_meta(comm: GroupComm, query, key, labels, scales, need_grad: bool):
@@ -297,10 +303,27 @@ def block_labels(labels: torch.Tensor, offset: int, size: int):
     return rel.clamp(0, size - 1), inside
 
 
+def _log_part(stats: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """``log Σ exp(z - mx)`` of one set from its split statistics; -inf for an empty set (max -inf)."""
+    empty = stats[0] == float("-inf")
+    safe_mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
+    return torch.where(empty, stats[0], (stats[0] - safe_mx) + stats[1])
+
+
 def merge_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Merge two split log-sum-exp statistics ``[max, log Σ exp(z - max)]`` of disjoint sets."""
+    """Merge two split log-sum-exp statistics ``[max, log Σ exp(z - max)]`` of disjoint sets.
+
+    An empty set has statistics ``(-inf, -inf)`` (structured targets can empty a row's part in a key block) and
+    merges as nothing; two empty sets give an empty set."""
     mx = torch.maximum(a[0], b[0])
-    return torch.stack([mx, torch.logaddexp((a[0] - mx) + a[1], (b[0] - mx) + b[1])])
+    return torch.stack([mx, torch.logaddexp(_log_part(a, mx), _log_part(b, mx))])
+
+
+def all_merge_stats(comm, stats: torch.Tensor) -> torch.Tensor:
+    """Merge the split statistics ``[2, M]`` that each rank holds for its part of every set, across ranks."""
+    mx = comm.all_reduce(stats[0].clone(), dist.ReduceOp.MAX)
+    total = comm.all_reduce(torch.exp(_log_part(stats, mx)))
+    return torch.stack([mx, total.log()])
 
 
 class KeyRing:

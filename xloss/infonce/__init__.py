@@ -25,6 +25,7 @@ from .. import reference as _reference
 from .._tiling import accumulation_dtype
 from . import chunked as _chunked
 from . import sweeps
+from .targets import TargetRule
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class InfoNCEOptions:
     reduction: str = "mean"
     engine: str = "chunked"  # "chunked" | "triton" (see xloss._dispatch)
     keep_logits: bool = False  # the chunked engine keeps small logits for backward (3 sweeps instead of 4)
+    targets: TargetRule | None = None  # structured targets (groups, exclude_self, margin, ...); None: labels only
 
 
 class InfoNCEFunction(torch.autograd.Function):
@@ -45,10 +47,16 @@ class InfoNCEFunction(torch.autograd.Function):
     (0-dim), ``labels [n]`` (long, global key indices), ``options`` (:class:`InfoNCEOptions`), ``comm`` (a
     communicator of ``xloss._comm``: ``LOCAL`` on one process).  Gradients are multiplied by
     ``comm.grad_factor`` (the world size under the default ``grad_reduction="mean"``, else 1).
+
+    With ``options.targets`` (structured targets) ``labels`` holds the query group ids and ``key_groups [M]`` the
+    global key group ids (for labels: the labels and ``arange(M)``); the formula is then the one of
+    :func:`_targets_forward` / :func:`_targets_backward`.
     """
 
     @staticmethod
-    def forward(ctx, q, k, scale, labels, options: InfoNCEOptions, comm):
+    def forward(ctx, q, k, scale, labels, options: InfoNCEOptions, comm, key_groups=None):
+        if options.targets is not None:
+            return _targets_forward(ctx, q, k, scale, labels, key_groups, options, comm)
         acc = accumulation_dtype(q.dtype)
         eps, symmetric = options.label_smoothing, options.symmetric
         N, M = comm.total_rows(q.shape[0]), comm.total_keys(k.shape[0])
@@ -75,6 +83,8 @@ class InfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.options.targets is not None:
+            return _targets_backward(ctx, grad_out)
         q, k, scale, labels, row, col, sums, keys, logits = ctx.saved_tensors
         options, comm = ctx.options, ctx.comm
         eps, symmetric = options.label_smoothing, options.symmetric
@@ -102,15 +112,92 @@ class InfoNCEFunction(torch.autograd.Function):
             if symmetric:
                 dq -= (eps / N) * wk
                 dk -= (eps / N) * w_own[:, None] * qsum
-        needs, f = ctx.needs_input_grad, comm.grad_factor
-        grad_scale = grad_q = grad_k = None
-        if needs[2]:  # Σ G∘(q kᵀ) (this rank's share on many)
-            grad_scale = ((qf * dq).sum() * f if f != 1 else (qf * dq).sum()).to(scale.dtype)
-        if needs[0]:
-            grad_q = ((s * f) * dq if f != 1 else s * dq).to(q.dtype)
-        if needs[1]:
-            grad_k = ((s * f) * dk if f != 1 else s * dk).to(k.dtype)
-        return grad_q, grad_k, grad_scale, None, None, None
+        return _input_grads(ctx, q, qf, k, scale, s, dq, dk) + (None, None, None, None)
+
+
+def _input_grads(ctx, q, qf, k, scale, s, dq, dk):
+    """``(grad_q, grad_k, grad_scale)`` from the unscaled products ``dq = G k``, ``dk = Gᵀ q`` (this rank's
+    rows), multiplied by the communicator's gradient factor; None where no gradient is needed."""
+    needs, f = ctx.needs_input_grad, ctx.comm.grad_factor
+    grad_scale = grad_q = grad_k = None
+    if needs[2]:  # Σ G∘(q kᵀ) (this rank's share on many)
+        grad_scale = ((qf * dq).sum() * f if f != 1 else (qf * dq).sum()).to(scale.dtype)
+    if needs[0]:
+        grad_q = ((s * f) * dq if f != 1 else s * dq).to(q.dtype)
+    if needs[1]:
+        grad_k = ((s * f) * dk if f != 1 else s * dk).to(k.dtype)
+    return grad_q, grad_k, grad_scale
+
+
+def _side_terms(stats, pos):
+    """``LSE − mean of the positives`` per row (or column) with a positive, else 0; and the has-a-positive mask.
+
+    ``stats [2, ·]`` split statistics, ``pos [2, ·]`` (sum of the positive logits, their count).  The max is
+    subtracted first, as ``log_softmax``: with one positive that is the max the difference is exactly 0.
+    """
+    has = (pos[1] > 0) & (stats[0] != float("-inf"))  # an empty log-sum-exp set (decoupled + margin) adds nothing
+    terms = (stats[0] - pos[0] / pos[1].clamp(min=1)) + stats[1]
+    return torch.where(has, terms, terms.new_zeros(())), has
+
+
+def _targets_forward(ctx, q, k, scale, qg, kg, options: InfoNCEOptions, comm):
+    """Structured targets: ``½(Σ r / #rows with a positive + Σ c / #columns with a positive)`` (one-way: rows).
+
+    Row terms are this rank's queries' (``[n]``), column terms every key's (``[M]``, the same on every rank);
+    ``"none"`` with ``symmetric`` gives ``½(r_i + c_{qg_i})`` (labels: ``qg`` are key indices).
+    """
+    acc = accumulation_dtype(q.dtype)
+    symmetric, rule, engine = options.symmetric, options.targets, options.engine
+    s = scale.detach().to(acc)
+    ref_r = ref_c = None
+    if rule.margin is not None:
+        ref_r, ref_c = sweeps.positive_max(comm, q, k, qg, kg, rule, symmetric, engine)
+    row, col, pos_r, pos_c, keys = sweeps.masked_lse(comm, q, k, s, qg, kg, rule, ref_r, ref_c, symmetric, engine)
+    rows, has_r = _side_terms(row, pos_r)
+    # Global counts and row sum in one exchange: [Σ r, #rows with a positive].
+    row_total, n_rows = comm.global_sum(torch.stack([rows.sum(), has_r.sum().to(acc)])).unbind()
+    cols = has_c = None
+    if symmetric:
+        cols, has_c = _side_terms(col, pos_c)
+    if options.reduction == "none":
+        out = (rows + cols[qg]) / 2 if symmetric else rows
+    elif options.reduction == "sum":
+        out = (row_total + cols.sum()) / 2 if symmetric else row_total
+    else:
+        out = row_total / n_rows.clamp(min=1)
+        if symmetric:
+            out = (out + cols.sum() / has_c.sum().clamp(min=1)) / 2
+    ctx.save_for_backward(q, k, scale, qg, kg, row, col, pos_r, pos_c, ref_r, ref_c, keys, n_rows)
+    ctx.options, ctx.comm = options, comm
+    return out
+
+
+def _targets_backward(ctx, grad_out):
+    q, k, scale, qg, kg, row, col, pos_r, pos_c, ref_r, ref_c, keys, n_rows = ctx.saved_tensors
+    options, comm = ctx.options, ctx.comm
+    symmetric, acc = options.symmetric, row.dtype
+    g = grad_out.to(acc)
+    half = g / 2 if symmetric else g
+    has_r = _side_terms(row, pos_r)[1]
+    zero = g.new_zeros(())
+    w = pw = None
+    if options.reduction == "none":  # d loss / d r_i = g_i (/2); d loss / d c_j = Σ_{i: qg_i = j} g_i / 2
+        a = torch.where(has_r, half, zero)
+        if symmetric:
+            w = comm.all_reduce(torch.zeros(col.shape[1], dtype=acc, device=q.device).index_add_(0, qg, half))
+    else:
+        a = torch.where(has_r, half / (n_rows.clamp(min=1) if options.reduction == "mean" else 1), zero)
+        if symmetric:
+            has_c = _side_terms(col, pos_c)[1]
+            w = torch.where(has_c, half / (has_c.sum().clamp(min=1) if options.reduction == "mean" else 1), zero)
+    pa = a / pos_r[1].clamp(min=1)
+    if symmetric:
+        w = torch.where(_side_terms(col, pos_c)[1], w, zero)
+        pw = w / pos_c[1].clamp(min=1)
+    s = scale.detach().to(acc)
+    dq, dk = sweeps.masked_grad(comm, q, k, keys, s, qg, kg, options.targets, ref_r, ref_c, row, col, a, w, pa, pw,
+                                options.engine)
+    return _input_grads(ctx, q, q.to(acc), k, scale, s, dq, dk) + (None, None, None, None)
 
 
 def info_nce(
@@ -120,7 +207,13 @@ def info_nce(
     logit_scale=None,
     temperature=None,
     labels: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
     symmetric: bool = True,
+    exclude_self: bool = False,
+    false_negative_margin: float | None = None,
+    decoupled: bool = False,
+    hardness: float = 0.0,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     backend: str = "auto",
@@ -141,8 +234,25 @@ def info_nce(
             ``model.logit_scale.exp()``.  Default 1.
         temperature: ``τ``, the same as ``logit_scale=1/τ``; give one or the other.
         labels: ``[N]`` integer index of each query's positive key; default ``arange(N)``.
+        query_groups, key_groups: ``[N]``, ``[M]`` integer group ids, given together instead of ``labels``
+            (multi-positive targets): key j is a positive of query i iff ``key_groups[j] == query_groups[i]``.  The
+            row term is SupCon's L_out, ``LSE_{j∈A(i)} z_ij − mean_{p∈P(i)} z_ip``, the column term the same per
+            key; ``"mean"`` averages over the rows (columns) that have a positive, and rows without one add 0 and
+            get no gradient.  1-to-K (K captions per image): the K keys share their image's group id.  Across
+            ranks the ids are this rank's rows'; equal ids on different ranks are the same group.
         symmetric: add the key→query term (CLIP); False gives the one-way InfoNCE.
-        label_smoothing: ``ε`` in [0, 1], as ``F.cross_entropy``, on both terms.
+        exclude_self: single-tower form (SimCLR, SupCon): needs ``N == M``; the pair (i, i) leaves every
+            log-sum-exp and every positive set.  ``info_nce(z, z, query_groups=y, key_groups=y, exclude_self=True,
+            symmetric=False, temperature=0.1)`` on L2-normalised ``z`` is SupCon; with ``z = cat([v1, v2])`` and
+            ``labels=(arange(2B) + B) % 2B`` it is SimCLR's NT-Xent.
+        false_negative_margin: ``m >= 0``: a non-positive key j leaves row i's log-sum-exp when
+            ``<q_i, k_j> > <q_i, k_pos(i)> + m`` (raw inner products, before the scale; the best-scoring positive
+            with groups); the same per column.  Qwen3-Embedding uses 0.1.  Costs one more sweep.
+        decoupled: DCL: the positives leave the denominator, ``LSE_{j∉P(i)} z_ij − mean_{p∈P(i)} z_ip``.
+        hardness: ``α >= 0``: negatives' logits become ``z_ij + α·sg(<q_i, k_j>)`` (sentence-transformers'
+            ``hardness_mode="all_negatives"``, LLaVE): the value uses ``(s + α)·<q, k>``, the gradient ``s·<q, k>``.
+        label_smoothing: ``ε`` in [0, 1], as ``F.cross_entropy``, on both terms (not with the five options
+            above).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-query terms ``[N]``).
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"``, ``"chunked"`` (alias
             ``"cpu"``; runs on any device) or ``"reference"`` (the naive definition).
@@ -159,8 +269,9 @@ def info_nce(
             rank gets its exact share (the sum over ranks is the gradient), for users who sum gradients.
 
     Returns:
-        0-dim loss, or ``[N]`` per-query terms for ``reduction="none"``; float32 for half inputs, float64 for
-        float64 inputs.
+        0-dim loss, or ``[N]`` per-query terms for ``reduction="none"`` (with the options above: ``r_i``, or
+        ``½(r_i + c_{labels[i]})`` when ``symmetric``; not defined for symmetric groups); float32 for half inputs,
+        float64 for float64 inputs.
     """
     _checks.check_query_key(query, key)
     if not isinstance(symmetric, bool):
@@ -168,17 +279,33 @@ def info_nce(
     _checks.check_label_smoothing(label_smoothing)
     _checks.check_reduction(reduction)
     n, m = query.shape[0], key.shape[0]
+    groups = _checks.check_query_key_groups(query_groups, key_groups, n, m, query.device, labels)
+    rule = _target_rule(groups, symmetric, exclude_self, false_negative_margin, decoupled, hardness,
+                        label_smoothing, reduction)
     name = _dispatch.resolve("info_nce", backend, query.device, query.dtype)
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale))
     comm, _ = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale], need_grad, name)
-    if comm.is_local:
+    if rule is not None and rule.exclude_self and comm.total_rows(n) != comm.total_keys(m):
+        raise ValueError(f"exclude_self=True needs as many queries as keys (one view matrix against itself), got "
+                         f"N={comm.total_rows(n)} and M={comm.total_keys(m)}")
+    if comm.is_local and not groups:
         _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
     if name == "reference":
         return _reference.info_nce(
             query, key, logit_scale=scale, labels=labels, symmetric=symmetric,
-            label_smoothing=label_smoothing, reduction=reduction,
+            label_smoothing=label_smoothing, reduction=reduction, query_groups=query_groups,
+            key_groups=key_groups, exclude_self=exclude_self, false_negative_margin=false_negative_margin,
+            decoupled=decoupled, hardness=hardness,
         )
+    if rule is not None:  # labels are the case of one positive per query: the keys are their own groups
+        if groups:
+            labels, key_groups = query_groups.long(), comm.gather_keys(key_groups.long())
+        else:
+            labels = comm.default_labels(n, query.device) if labels is None else labels.long()
+            key_groups = torch.arange(comm.total_keys(m), device=query.device)
+        options = InfoNCEOptions(symmetric, 0.0, reduction, name, False, rule)
+        return InfoNCEFunction.apply(query, key, scale, labels, options, comm, key_groups)
     if labels is None:
         labels = comm.default_labels(n, query.device)
     keep = comm.is_local and name == "chunked" and _chunked.keeps_logits(
@@ -187,4 +314,31 @@ def info_nce(
     return InfoNCEFunction.apply(query, key, scale, labels.long(), options, comm)
 
 
-__all__ = ["InfoNCEFunction", "InfoNCEOptions", "info_nce"]
+def _target_rule(groups: bool, symmetric: bool, exclude_self, margin, decoupled, hardness, label_smoothing,
+                 reduction) -> TargetRule | None:
+    """The structured-target rule of a call, checked; None when every option is at its default (labels only)."""
+    for name, value in (("exclude_self", exclude_self), ("decoupled", decoupled)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise TypeError(f"false_negative_margin must be a float or None, got {type(margin).__name__}")
+        if not margin >= 0 or margin == float("inf"):
+            raise ValueError(f"false_negative_margin must be a finite number >= 0, got {margin}")
+    if isinstance(hardness, bool) or not isinstance(hardness, (int, float)):
+        raise TypeError(f"hardness must be a float, got {type(hardness).__name__}")
+    if not hardness >= 0 or hardness == float("inf"):
+        raise ValueError(f"hardness must be a finite number >= 0, got {hardness}")
+    if not (groups or exclude_self or margin is not None or decoupled or hardness):
+        return None
+    if label_smoothing:
+        raise ValueError("label_smoothing is not supported together with query_groups/key_groups, exclude_self, "
+                         "false_negative_margin, decoupled or hardness")
+    if groups and symmetric and reduction == "none":
+        raise ValueError("reduction='none' with query_groups/key_groups and symmetric=True is not defined (row terms "
+                         "are per query, column terms per key): use symmetric=False, or 'mean' / 'sum'")
+    return TargetRule(exclude_self=exclude_self, decoupled=decoupled, hardness=float(hardness),
+                      margin=None if margin is None else float(margin))
+
+
+__all__ = ["InfoNCEFunction", "InfoNCEOptions", "TargetRule", "info_nce"]

@@ -163,3 +163,155 @@ def grad(q, k, scale, row, col, a, w, logits=None):
         torch.mm(p, k, out=dq[i0:i1])
         dk.addmm_(p.T, q[i0:i1])
     return dq.mul_(norm), dk.mul_(norm)
+
+
+# ------------------------------------------------------------------------------ structured targets (issue 11)
+# The target rule of engine.py (groups, self exclusion, margin, decoupled, hardness) on row strips.  A strip
+# needs more working buffers than the plain sweeps (the raw dots, the logits, three boolean masks, one result):
+# MASKED_STRIPS of them fit the same budget.
+
+MASKED_STRIPS = 6
+_NEG_INF = float("-inf")
+
+
+def _masks(qg, kg, i0: int, i1: int, self_offset):
+    """``(Y, self)`` of rows ``[i0, i1)`` against every key: the positive pairs and the excluded self pairs."""
+    pos = qg[i0:i1, None] == kg[None, :]
+    if self_offset is None:
+        return pos, None
+    rows = torch.arange(i0, i1, device=qg.device)[:, None]
+    me = (rows - torch.arange(kg.shape[0], device=qg.device)[None, :]) == self_offset
+    return pos & ~me, me
+
+
+def _in_sets(pos, me, raw, decoupled: bool, margin, ref_r, ref_c, need_cols: bool):
+    """The entries of each row's and each column's log-sum-exp (``in_row``, ``in_col``)."""
+    base = None
+    if decoupled:
+        base = ~pos if me is None else ~(pos | me)
+    elif me is not None:
+        base = ~me
+    if margin is None:
+        base = torch.ones_like(pos) if base is None else base
+        return base, (base if need_cols else None)
+    neg = ~pos if base is None else (base & ~pos)
+    in_row = ~(neg & (raw > ref_r[:, None] + margin))
+    in_col = ~(neg & (raw > ref_c[None, :] + margin)) if need_cols else None
+    if base is not None:
+        in_row = in_row & base
+        in_col = None if in_col is None else in_col & base
+    return in_row, in_col
+
+
+def _safe(mx: torch.Tensor) -> torch.Tensor:
+    """A max to subtract: 0 where the set is empty (max -inf), so that ``x - max`` is never ``-inf - -inf``."""
+    return torch.where(mx == _NEG_INF, torch.zeros_like(mx), mx)
+
+
+def _rescale(old_max, new_max):
+    """``exp(old_max - new_max)`` for an online sum, 0 when the old set was empty."""
+    return torch.where(old_max == _NEG_INF, torch.zeros_like(old_max), torch.exp(old_max - _safe(new_max)))
+
+
+def _masked_rows(q, k, scale, qg, kg, self_offset, need_cols):
+    """Yield ``(i0, i1, raw, z, Y, self)`` per row strip (raw dots before the scale, z = scale·raw)."""
+    n, m = q.shape[0], k.shape[0]
+    rows = max(1, min(n, _budget() // max(1, MASKED_STRIPS * m * q.element_size())))
+    kt = k.T
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        raw = q[i0:i1] @ kt
+        pos, me = _masks(qg, kg, i0, i1, self_offset)
+        yield i0, i1, raw, raw * scale, pos, me
+
+
+def _hard(z, raw, pos, hardness: float):
+    """``ẑ``: negatives' logits plus ``hardness·raw`` (positives unchanged)."""
+    return torch.where(pos, z, z + hardness * raw) if hardness else z
+
+
+def positive_max(q, k, qg, kg, self_offset, need_cols: bool):
+    """Best raw dot product among each row's (and column's) positives; -inf where none (see engine.py)."""
+    q, k = upcast(q), upcast(k)
+    ref_r = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
+    ref_c = torch.full((k.shape[0],), _NEG_INF, dtype=q.dtype, device=q.device) if need_cols else None
+    one = q.new_ones(())
+    for i0, i1, raw, _, pos, _ in _masked_rows(q, k, one, qg, kg, self_offset, need_cols):
+        raw = raw.masked_fill_(~pos, _NEG_INF)
+        torch.amax(raw, 1, out=ref_r[i0:i1])
+        if need_cols:
+            torch.maximum(ref_c, raw.amax(0), out=ref_c)
+    return ref_r, ref_c
+
+
+def masked_lse(q, k, scale, qg, kg, self_offset, decoupled: bool, hardness: float, margin, ref_r, ref_c,
+               need_cols: bool):
+    """Split LSE statistics over each row's / column's set and the positives' logit sums and counts."""
+    q, k = upcast(q), upcast(k)
+    acc, n, m = q.dtype, q.shape[0], k.shape[0]
+    s = scale.to(acc)
+    row = torch.empty(2, n, dtype=acc, device=q.device)
+    pos_r = torch.empty(2, n, dtype=acc, device=q.device)
+    if need_cols:
+        col_max = torch.full((m,), _NEG_INF, dtype=acc, device=q.device)
+        col_sum = torch.zeros(m, dtype=acc, device=q.device)
+        pos_c = torch.zeros(2, m, dtype=acc, device=q.device)
+    for i0, i1, raw, z, pos, me in _masked_rows(q, k, s, qg, kg, self_offset, need_cols):
+        in_row, in_col = _in_sets(pos, me, raw, decoupled, margin, None if ref_r is None else ref_r[i0:i1],
+                                  ref_c, need_cols)
+        zp = torch.where(pos, z, z.new_zeros(()))  # the positives' logits (0 elsewhere: exact sums)
+        torch.sum(zp, 1, out=pos_r[0, i0:i1])
+        torch.sum(pos, 1, out=pos_r[1, i0:i1])
+        if need_cols:
+            pos_c[0].add_(zp.sum(0))
+            pos_c[1].add_(pos.sum(0))
+        del zp
+        zh = _hard(z, raw, pos, hardness)
+        del raw
+        e = zh.masked_fill(~in_row, _NEG_INF)
+        r_max = torch.amax(e, 1, out=row[0, i0:i1])
+        e.sub_(_safe(r_max)[:, None]).exp_()
+        torch.sum(e, 1, out=row[1, i0:i1]).log_()
+        if need_cols:  # merge this strip's column statistics into the running ones (online softmax)
+            torch.where(in_col, zh, zh.new_full((), _NEG_INF), out=e)
+            t_max = e.amax(0)
+            new_max = torch.maximum(col_max, t_max)
+            part = e.sub_(_safe(t_max)).exp_().sum(0)
+            col_sum = col_sum * _rescale(col_max, new_max) + part * _rescale(t_max, new_max)
+            col_max = new_max
+    col = torch.stack([col_max, col_sum.log()]) if need_cols else None
+    return row, col, pos_r, (pos_c if need_cols else None)
+
+
+def _softmax_part(zh, inside, mx, ls, weight):
+    """``inside·weight·exp((ẑ - max) - logsum)``, 0 outside (also for empty sets and zero weights)."""
+    p = torch.exp((zh - _safe(mx)) - ls) * weight
+    return torch.where(inside, p, p.new_zeros(()))
+
+
+def masked_grad(q, k, scale, qg, kg, self_offset, decoupled: bool, hardness: float, margin, ref_r, ref_c, row,
+                col, a, w, pa, pw):
+    """``dq_u = G k``, ``dk_u = Gᵀ q`` of one recomputing sweep under the target rule (see engine.py)."""
+    q, k = upcast(q), upcast(k)
+    acc, n, m = q.dtype, q.shape[0], k.shape[0]
+    s = scale.to(acc)
+    need_cols = col is not None
+    a, pa = a.to(acc), pa.to(acc)
+    if need_cols:
+        w, pw = w.to(acc), pw.to(acc)
+    dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)
+    dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device)
+    for i0, i1, raw, z, pos, me in _masked_rows(q, k, s, qg, kg, self_offset, need_cols):
+        in_row, in_col = _in_sets(pos, me, raw, decoupled, margin, None if ref_r is None else ref_r[i0:i1],
+                                  ref_c, need_cols)
+        zh = _hard(z, raw, pos, hardness)
+        del raw, z
+        g = _softmax_part(zh, in_row, row[0, i0:i1, None], row[1, i0:i1, None], a[i0:i1, None])
+        target = pa[i0:i1, None]
+        if need_cols:
+            g += _softmax_part(zh, in_col, col[0], col[1], w)
+            target = target + pw
+        g -= torch.where(pos, target, g.new_zeros(()))
+        torch.mm(g, k, out=dq[i0:i1])
+        dk.addmm_(g.T, q[i0:i1])
+    return dq, dk

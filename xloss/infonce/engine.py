@@ -37,3 +37,54 @@ class InfoNCEEngine(Protocol):
 
     def keeps_logits(self, n: int, m: int, itemsize: int) -> bool:
         """Whether ``lse`` should keep the ``[n, m]`` logits for ``grad`` (a rule on shapes only)."""
+
+    # -- structured targets (groups, exclude_self, false-negative margin, decoupled, hardness) --------------
+    # Every tile (i, j) is described by the TARGET RULE below; the three sweeps share it.
+    #
+    #   raw_ij  = <q_i, k_j>                   (the tile's dot products, before the scale)
+    #   z_ij    = scale · raw_ij
+    #   self_ij = self_offset is not None and i - j == self_offset   (the pair (i, i) of the single-tower form;
+    #             local indices, self_offset = key block's global offset - query block's global offset)
+    #   Y_ij    = qg_i == kg_j and not self_ij                         (positive pair)
+    #   ẑ_ij    = z_ij for Y_ij, z_ij + hardness · raw_ij otherwise    (hardness-weighted negatives)
+    #   in_row_ij = not self_ij and not (decoupled and Y_ij)
+    #               and not (margin is not None and not Y_ij and raw_ij > ref_r_i + margin)
+    #   in_col_ij = the same with ref_c_j in place of ref_r_i
+    #
+    # Split statistics of an EMPTY set are (max, logsum) = (-inf, -inf); otherwise logsum = log Σ exp(ẑ - max).
+
+    def positive_max(self, q: Tensor, k: Tensor, qg: Tensor, kg: Tensor, self_offset: int | None,
+                     need_cols: bool) -> tuple[Tensor, Tensor | None]:
+        """``ref_r [N] = max_{j: Y_ij} raw_ij`` and ``ref_c [M] = max_{i: Y_ij} raw_ij`` (None unless
+        ``need_cols``); -inf where there is no positive.  Accumulation dtype.  Only the margin needs it."""
+
+    def masked_lse(self, q: Tensor, k: Tensor, scale: Tensor, qg: Tensor, kg: Tensor, self_offset: int | None,
+                   decoupled: bool, hardness: float, margin: float | None, ref_r: Tensor | None,
+                   ref_c: Tensor | None, need_cols: bool
+                   ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """Statistics sweep under the target rule.
+
+        Args:
+            q ``[N, D]``, k ``[M, D]``, scale 0-dim (accumulation dtype); qg ``[N]``, kg ``[M]`` long group ids;
+            ref_r ``[N]`` / ref_c ``[M]`` from ``positive_max`` when ``margin`` is not None (ref_c only with
+            ``need_cols``), else None.
+
+        Returns:
+            ``row [2, N]``: split LSE of ``ẑ_i·`` over ``in_row``; ``col [2, M]`` the same over ``in_col`` per
+            column (None unless ``need_cols``); ``pos_r [2, N]``: ``(Σ_j Y_ij z_ij, Σ_j Y_ij)`` (the positive
+            logits' sum, without hardness, and their count as a float); ``pos_c [2, M]`` the same per column
+            (None unless ``need_cols``).  Accumulation dtype.
+        """
+
+    def masked_grad(self, q: Tensor, k: Tensor, scale: Tensor, qg: Tensor, kg: Tensor, self_offset: int | None,
+                    decoupled: bool, hardness: float, margin: float | None, ref_r: Tensor | None,
+                    ref_c: Tensor | None, row: Tensor, col: Tensor | None, a: Tensor, w: Tensor | None,
+                    pa: Tensor, pw: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Gradient sweep under the target rule: ``dq_u = G k [N, D]``, ``dk_u = Gᵀ q [M, D]`` (accumulation
+        dtype) for
+
+            ``G_ij = in_row_ij·a_i·exp(ẑ_ij - row_i) + in_col_ij·w_j·exp(ẑ_ij - col_j) - Y_ij·(pa_i + pw_j)``
+
+        (``exp(ẑ - row) = exp((ẑ - max) - logsum)``; the column and ``pw`` parts absent when ``col`` is None).
+        ``a``, ``w``, ``pa``, ``pw`` may have any sign and may be 0 (no contribution, never NaN, also for rows
+        whose statistics are those of an empty set)."""

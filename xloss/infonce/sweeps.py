@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import _comm
+from .._tiling import accumulation_dtype
 from . import ops
 
 
@@ -99,3 +100,95 @@ def _ring_grad(comm, q, qf, k, s, row, col, a, w, labels, pos, engine):
         dk_ring.add_and_pass(dk_b)
         del dk_b
     return dq, dk_ring.finish()
+
+
+# ------------------------------------------------------------------------------ structured targets (issue 11)
+# The target rule (engine.py) across ranks.  Key group ids are global (gathered once by the caller); the self pair
+# of the single-tower form is found from global offsets (``self_offset = key block offset - query offset``).  Only
+# the keys (and, in backward, their dk accumulators) travel: each rank writes its part of the per-key statistics
+# (best positive, LSE, positive sums) into O(M) buffers, merged across ranks once at the end.
+
+
+def _rule_at(rule, key_offset: int, query_offset: int):
+    """The rule of one key block: the self pair at ``i - j == key_offset - query_offset`` (local indices)."""
+    return rule.at(key_offset - query_offset if rule.exclude_self else None)
+
+
+def positive_max(comm, q, k, qg, kg, rule, need_cols: bool, engine: str):
+    """``(ref_r [n], ref_c [M] | None)``: each local query's and each (global) key's best positive raw score."""
+    q_off = comm.query_offset()
+    if comm.exchange != "ring":
+        keys = comm.gather_keys(k)
+        ref_r, ref_c = ops.positive_max(q, keys, qg, kg, _rule_at(rule, 0, q_off), need_cols, engine)
+        if need_cols and not comm.is_local:
+            ref_c = comm.all_reduce(ref_c, torch.distributed.ReduceOp.MAX)
+        return ref_r, ref_c
+    ref_r = ref_c = None
+    if need_cols:
+        ref_c = q.new_full((comm.layout.M,), float("-inf"), dtype=_acc(q))
+    for off, mb, block in _comm.KeyRing(comm, k):
+        r_b, c_b = ops.positive_max(q, block, qg, kg[off : off + mb], _rule_at(rule, off, q_off), need_cols,
+                                    engine)
+        ref_r = r_b if ref_r is None else torch.maximum(ref_r, r_b)
+        if need_cols:
+            ref_c[off : off + mb] = c_b
+    if need_cols:
+        ref_c = comm.all_reduce(ref_c, torch.distributed.ReduceOp.MAX)
+    return ref_r, ref_c
+
+
+def masked_lse(comm, q, k, s, qg, kg, rule, ref_r, ref_c, need_cols: bool, engine: str):
+    """``(row [2, n], col [2, M] | None, pos_r [2, n], pos_c [2, M] | None, keys | None)``: statistics of the
+    local queries' rows and of every key's column (global, the same on every rank); ``keys`` as in ``lse``."""
+    q_off = comm.query_offset()
+    if comm.exchange != "ring":
+        keys = comm.gather_keys(k)
+        row, col, pos_r, pos_c = ops.masked_lse(q, keys, s, qg, kg, _rule_at(rule, 0, q_off), ref_r, ref_c,
+                                                need_cols, engine)
+        if need_cols and not comm.is_local:
+            col, pos_c = _comm.all_merge_stats(comm, col), comm.all_reduce(pos_c)
+        return row, col, pos_r, pos_c, (None if comm.is_local else keys)
+    M = comm.layout.M
+    row = pos_r = col = pos_c = None
+    if need_cols:  # this rank's part of every column; the blocks it never saw stay empty
+        col = torch.stack([q.new_full((M,), float("-inf"), dtype=_acc(q)), q.new_zeros(M, dtype=_acc(q))])
+        pos_c = q.new_zeros((2, M), dtype=_acc(q))
+    for off, mb, block in _comm.KeyRing(comm, k):
+        blk = slice(off, off + mb)
+        r_b, c_b, p_b, pc_b = ops.masked_lse(q, block, s, qg, kg[blk], _rule_at(rule, off, q_off), ref_r,
+                                             None if ref_c is None else ref_c[blk], need_cols, engine)
+        row = r_b if row is None else _comm.merge_stats(row, r_b)
+        pos_r = p_b if pos_r is None else pos_r + p_b
+        if need_cols:
+            col[:, blk], pos_c[:, blk] = c_b, pc_b
+    if need_cols:
+        col, pos_c = _comm.all_merge_stats(comm, col), comm.all_reduce(pos_c)
+    return row, col, pos_r, pos_c, None
+
+
+def masked_grad(comm, q, k, keys, s, qg, kg, rule, ref_r, ref_c, row, col, a, w, pa, pw, engine: str):
+    """``(dq [n, D], dk [m, D])``, unscaled, accumulation dtype; ``w``, ``pw``, ``col``, ``ref_c`` global."""
+    q_off = comm.query_offset()
+    if comm.exchange != "ring":
+        kk = k if keys is None else keys
+        dq, dk = ops.masked_grad(q, kk, s, qg, kg, _rule_at(rule, 0, q_off), ref_r, ref_c, row, col, a, w, pa, pw,
+                                 engine)
+        return dq, comm.scatter_keys(dk)
+    dq = None
+    dk_ring = _comm.AccRing(comm, k.shape[1], _acc(q), q.device)
+
+    def part(x, blk):
+        return None if x is None else x[..., blk]
+
+    for off, mb, block in _comm.KeyRing(comm, k):
+        blk = slice(off, off + mb)
+        dq_b, dk_b = ops.masked_grad(q, block, s, qg, kg[blk], _rule_at(rule, off, q_off), ref_r, part(ref_c, blk),
+                                     row, part(col, blk), a, part(w, blk), pa, part(pw, blk), engine)
+        dq = dq_b if dq is None else dq.add_(dq_b)
+        dk_ring.add_and_pass(dk_b)
+        del dk_b
+    return dq, dk_ring.finish()
+
+
+def _acc(q):
+    return accumulation_dtype(q.dtype)
