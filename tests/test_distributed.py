@@ -147,6 +147,55 @@ def _check_info_nce(world):
         _comm._REDUCE_SCATTER_OK = True
 
 
+def _check_info_nce_targets(world):
+    """Structured targets (issue 11) across ranks: groups with the global ids, the single tower, the margin."""
+    group = dist.group.WORLD
+    configs = [
+        {"groups": True, "symmetric": True, "reduction": "mean", "false_negative_margin": 0.1, "hardness": 0.5},
+        {"groups": True, "symmetric": False, "reduction": "none", "decoupled": True},
+        {"groups": True, "symmetric": True, "reduction": "sum", "false_negative_margin": 0.0, "decoupled": True},
+        {"groups": False, "symmetric": True, "reduction": "none", "hardness": 0.3, "false_negative_margin": 0.2},
+        {"groups": True, "symmetric": False, "reduction": "mean", "exclude_self": True, "tower": True},
+        {"groups": False, "symmetric": True, "reduction": "mean", "exclude_self": True, "tower": True},
+    ]
+    seed = 500
+    for exchange in ("ring", "all_gather"):
+        for split in ("even", "uneven"):
+            for cfg in configs:
+                cfg = dict(cfg)
+                groups, tower = cfg.pop("groups"), cfg.pop("tower", False)
+                if tower and split == "uneven":
+                    continue  # the single tower needs N == M on every rank's concatenation: the even split
+                seed += 1
+                how = {} if seed % 2 else {"grad_reduction": "sum"}
+                f = world if seed % 2 else 1
+                what = f"info_nce targets {exchange} {split} {groups} {cfg} {how}"
+                q, k, labels, default, grad, qs, ks = _batch(world, split, seed)
+                if tower:
+                    k, ks = q, qs
+                gen = torch.Generator().manual_seed(seed)
+                qg = torch.randint(0, 4, (q.shape[0],), generator=gen)
+                kg = qg if tower else torch.randint(0, 4, (k.shape[0],), generator=gen)
+                lab = None if groups else (torch.randperm(q.shape[0], generator=gen) if tower else labels)
+                targets = {"query_groups": qg, "key_groups": kg} if groups else {"labels": lab}
+                local = ({"query_groups": qg[qs], "key_groups": kg[ks]} if groups else {"labels": lab[qs]})
+                qr = q.clone().requires_grad_()
+                kr = qr if tower else k.clone().requires_grad_()
+                sr = torch.tensor(1.7, dtype=F64, requires_grad=True)
+                ref = reference.info_nce(qr, kr, logit_scale=sr, **targets, **cfg)
+                ql = q[qs].clone().requires_grad_()
+                kl = ql if tower else k[ks].clone().requires_grad_()
+                s = torch.tensor(1.7, dtype=F64, requires_grad=True)
+                loss = xloss.info_nce(ql, kl, logit_scale=s, **local, **cfg, group=group, exchange=exchange, **how)
+                g = _check_reduced(loss, ref, cfg["reduction"], grad, qs)
+                (loss * g).sum().backward()
+                (ref * (grad if cfg["reduction"] == "none" else g)).sum().backward()
+                _close(ql.grad, f * qr.grad[qs], f"{what}: grad query")
+                if not tower:
+                    _close(kl.grad, f * kr.grad[ks], f"{what}: grad key")
+                _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
+
+
 def _check_triton(world):
     """The Triton engines (the interpreter here) under both exchanges: fp32 inputs against fp64."""
     if importlib.util.find_spec("triton") is None:
@@ -387,9 +436,10 @@ def _worker(rank, world, path, out):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     results = {}
-    checks = [_check_info_nce, _check_sigmoid, _check_ddp, _check_one_rank_group, _measure_memory]
+    checks = [_check_info_nce, _check_info_nce_targets, _check_sigmoid, _check_ddp, _check_one_rank_group,
+              _measure_memory]
     if world == 2:
-        checks[2:2] = [_check_bad_input, _check_triton, _check_compile]
+        checks[3:3] = [_check_bad_input, _check_triton, _check_compile]
     try:
         for check in checks:
             start = time.perf_counter()
@@ -433,6 +483,11 @@ def _assert_ok(out, world, check):
 @pytest.mark.parametrize("world", [2, 4])
 def test_info_nce_matches_single_process(worlds, world):
     _assert_ok(worlds, world, "_check_info_nce")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_info_nce_targets_match_single_process(worlds, world):
+    _assert_ok(worlds, world, "_check_info_nce_targets")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -31,6 +31,7 @@ from . import _checks, _dispatch
 from ._api import renamed as _renamed  # (late interaction: score_reduction= → token_reduction=)
 from .gram import gram_loss as _gram_loss
 from .infonce import info_nce as _info_nce
+from .infonce import target_rule as _target_rule
 from .late_interaction import DIRECTIONS as _LI_DIRECTIONS
 from .late_interaction import MASK_MODES as _LI_MASK_MODES
 from .late_interaction import TOKEN_REDUCTIONS as _LI_TOKEN_REDUCTIONS
@@ -405,35 +406,52 @@ class InfoNCELoss(_ScaledLoss):
         temperature: fixed ``τ = 1/s``, or
         learnable_scale: own a Parameter ``logit_scale`` (log of s), started at ``init_logit_scale`` and
             capped at ``max_logit_scale``.
-        symmetric, label_smoothing, reduction, backend: as :func:`xloss.info_nce`.
+        symmetric, exclude_self, false_negative_margin, decoupled, hardness, label_smoothing, reduction, backend:
+            as :func:`xloss.info_nce`.
 
     Forward:
-        ``query [N, D]``, ``key [M, D]``, optional ``labels [N]`` and ``logit_scale`` (overrides a fixed scale).
-        Returns what :func:`xloss.info_nce` returns.
+        ``query [N, D]``, ``key [M, D]``, optional ``labels [N]`` or ``query_groups [N]`` and ``key_groups [M]``
+        (multi-positive targets), and ``logit_scale`` (overrides a fixed scale).  Returns what
+        :func:`xloss.info_nce` returns.
     """
 
     def __init__(self, *, logit_scale=None, temperature=None, learnable_scale: bool = False,
                  init_logit_scale: float = _CLIP_INIT, max_logit_scale: float | None = 100.0,
-                 symmetric: bool = True, label_smoothing: float = 0.0, reduction: str = "mean",
-                 backend: str = "auto"):
+                 symmetric: bool = True, exclude_self: bool = False, false_negative_margin: float | None = None,
+                 decoupled: bool = False, hardness: float = 0.0, label_smoothing: float = 0.0,
+                 reduction: str = "mean", backend: str = "auto"):
         super().__init__(logit_scale, temperature, learnable_scale, init_logit_scale, max_logit_scale, required=False)
         _check_bool("symmetric", symmetric)
         _checks.check_label_smoothing(label_smoothing)
         _checks.check_reduction(reduction)
         _check_backend(backend)
+        # the options' own checks, now rather than at the first call (groups come with the inputs)
+        _target_rule(False, symmetric, exclude_self, false_negative_margin, decoupled, hardness, label_smoothing,
+                     reduction)
         self.symmetric = symmetric
+        self.exclude_self = exclude_self
+        self.false_negative_margin = false_negative_margin
+        self.decoupled = decoupled
+        self.hardness = hardness
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
         self.backend = backend
 
     def extra_repr(self) -> str:
-        return (f"{self._scale_repr()}, symmetric={self.symmetric}, label_smoothing={self.label_smoothing}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+        targets = "".join(f", {name}={getattr(self, name)!r}" for name, default in _TARGET_DEFAULTS.items()
+                          if getattr(self, name) != default)
+        return (f"{self._scale_repr()}, symmetric={self.symmetric}{targets}, "
+                f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, backend={self.backend!r}")
 
-    def forward(self, query, key, labels=None, *, logit_scale=None):
+    def forward(self, query, key, labels=None, *, query_groups=None, key_groups=None, logit_scale=None):
         return _info_nce(query, key, logit_scale=self._resolve(logit_scale, query.device), labels=labels,
-                         symmetric=self.symmetric, label_smoothing=self.label_smoothing, reduction=self.reduction,
-                         backend=self.backend)
+                         query_groups=query_groups, key_groups=key_groups, symmetric=self.symmetric,
+                         exclude_self=self.exclude_self, false_negative_margin=self.false_negative_margin,
+                         decoupled=self.decoupled, hardness=self.hardness, label_smoothing=self.label_smoothing,
+                         reduction=self.reduction, backend=self.backend)
+
+
+_TARGET_DEFAULTS = {"exclude_self": False, "false_negative_margin": None, "decoupled": False, "hardness": 0.0}
 
 
 class LateInteractionLoss(_ScaledLoss):

@@ -280,7 +280,7 @@ def info_nce(
     _checks.check_reduction(reduction)
     n, m = query.shape[0], key.shape[0]
     groups = _checks.check_query_key_groups(query_groups, key_groups, n, m, query.device, labels)
-    rule = _target_rule(groups, symmetric, exclude_self, false_negative_margin, decoupled, hardness,
+    rule = target_rule(groups, symmetric, exclude_self, false_negative_margin, decoupled, hardness,
                         label_smoothing, reduction)
     name = _dispatch.resolve("info_nce", backend, query.device, query.dtype)
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
@@ -314,9 +314,10 @@ def info_nce(
     return InfoNCEFunction.apply(query, key, scale, labels.long(), options, comm)
 
 
-def _target_rule(groups: bool, symmetric: bool, exclude_self, margin, decoupled, hardness, label_smoothing,
+def target_rule(groups: bool, symmetric: bool, exclude_self, margin, decoupled, hardness, label_smoothing,
                  reduction) -> TargetRule | None:
-    """The structured-target rule of a call, checked; None when every option is at its default (labels only)."""
+    """The structured-target rule of a call, checked (errors name the argument); None when every option is at its
+    default (labels only).  ``groups``: query_groups/key_groups were given."""
     for name, value in (("exclude_self", exclude_self), ("decoupled", decoupled)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -341,4 +342,4 @@ def _target_rule(groups: bool, symmetric: bool, exclude_self, margin, decoupled,
                       margin=None if margin is None else float(margin))
 
 
-__all__ = ["InfoNCEFunction", "InfoNCEOptions", "TargetRule", "info_nce"]
+__all__ = ["InfoNCEFunction", "InfoNCEOptions", "TargetRule", "info_nce", "target_rule"]
