@@ -170,7 +170,7 @@ def _check_info_nce_targets(world):
                 how = {} if seed % 2 else {"grad_reduction": "sum"}
                 f = world if seed % 2 else 1
                 what = f"info_nce targets {exchange} {split} {groups} {cfg} {how}"
-                q, k, labels, default, grad, qs, ks = _batch(world, split, seed)
+                q, k, labels, _, grad, qs, ks = _batch(world, split, seed)
                 if tower:
                     k, ks = q, qs
                 gen = torch.Generator().manual_seed(seed)

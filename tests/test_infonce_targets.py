@@ -247,10 +247,11 @@ def test_chunked_equals_reference_on_every_combination(reduction):
         opts = {"symmetric": symmetric, "exclude_self": exclude_self, "false_negative_margin": margin,
                 "decoupled": decoupled, "hardness": hardness, "reduction": reduction}
         targets = {"query_groups": qg, "key_groups": kg} if groups else {"labels": labels}
-        want = _value_and_grads(lambda a, b, s: reference(a, b, logit_scale=s, **targets, **opts), q, k,
+        kw = {**targets, **opts}
+        want = _value_and_grads(lambda a, b, s, kw=kw: reference(a, b, logit_scale=s, **kw), q, k,
                                 torch.tensor(1.8, dtype=F64))
-        got = _value_and_grads(lambda a, b, s: xloss.info_nce(a, b, logit_scale=s, backend="chunked", **targets,
-                                                              **opts), q, k, torch.tensor(1.8, dtype=F64))
+        got = _value_and_grads(lambda a, b, s, kw=kw: xloss.info_nce(a, b, logit_scale=s, backend="chunked", **kw),
+                               q, k, torch.tensor(1.8, dtype=F64))
         for x, y, name in zip(got, want, ("loss", "d query", "d key", "d scale")):
             assert_close64(x, y, what=f"{name} {groups=} {opts}")
 
