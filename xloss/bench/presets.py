@@ -71,6 +71,12 @@ PRESETS: dict[str, dict[str, Preset]] = {
     "banzhaf-cpu": {"cpu": Preset(((32, 32, 12),), "float32", runs=1, families=("banzhaf",))},
     # Sigmoid loss (SigLIP), CPU fp32: the acceptance shape N = M = 16384, D = 512.
     "sigmoid-cpu": {"cpu": Preset(((16384, 16384, 512),), "float32", families=("sigmoid",))},
+    # Multi-positive InfoNCE (issue 11), 4 positives per row in N/4 groups: CPU fp32 N = M = 16384, D = 512 and the
+    # GPU shape N = M = 65536, D = 768 in bf16.
+    "groups": {
+        "cpu": Preset(((16384, 16384, 512),), "float32", families=("info_nce_groups",)),
+        "cuda": Preset(((65536, 65536, 768),), "bfloat16", families=("info_nce_groups",)),
+    },
     "gpu": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", baselines=("naive", "inf_cl"), families=("info_nce",))},
     "quick": {
         "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),

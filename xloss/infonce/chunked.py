@@ -244,12 +244,55 @@ def positive_max(q, k, qg, kg, self_offset, need_cols: bool):
     return ref_r, ref_c
 
 
+def _whole_sets(self_offset, decoupled: bool, hardness: float, margin) -> bool:
+    """Groups alone: every pair is in every log-sum-exp with its plain logit, so the tiles are those of the
+    plain sweeps (``lse``, ``grad``) and the positives enter only through O((N + M)·D) group sums."""
+    return self_offset is None and not decoupled and not hardness and margin is None
+
+
+def _group_sums(q, k, qg, kg):
+    """Per-group sums and counts of the queries and of the keys: ``(gq [N], gk [M], qsum [G, D], ksum [G, D],
+    qcnt [G], kcnt [G])`` with ``gq``/``gk`` the rows' compact group indices."""
+    n = q.shape[0]
+    ids, inv = torch.unique(torch.cat([qg, kg]), return_inverse=True)
+    gq, gk, g = inv[:n], inv[n:], ids.shape[0]
+    qsum = q.new_zeros(g, q.shape[1]).index_add_(0, gq, q)
+    ksum = k.new_zeros(g, k.shape[1]).index_add_(0, gk, k)
+    qcnt = torch.bincount(gq, minlength=g).to(q.dtype)
+    kcnt = torch.bincount(gk, minlength=g).to(q.dtype)
+    return gq, gk, qsum, ksum, qcnt, kcnt
+
+
+def _whole_sets_lse(q, k, s, qg, kg, need_cols: bool):
+    """``masked_lse`` for groups alone: the plain sweep, and ``Σ_{j∈P(i)} z_ij = s·<q_i, Σ_{j∈P(i)} k_j>``."""
+    row, col, _, _ = lse(q, k, s, need_cols, torch.zeros_like(qg))
+    gq, gk, qsum, ksum, qcnt, kcnt = _group_sums(q, k, qg, kg)
+    pos_r = torch.stack([s * (q * ksum[gq]).sum(1), kcnt[gq]])
+    pos_c = torch.stack([s * (k * qsum[gk]).sum(1), qcnt[gk]]) if need_cols else None
+    return row, col, pos_r, pos_c
+
+
+def _whole_sets_grad(q, k, s, qg, kg, row, col, a, w, pa, pw):
+    """``masked_grad`` for groups alone: the plain sweep's softmax part, and the target part
+    ``Σ_j Y_ij (pa_i + pw_j) k_j`` (and its transpose) from group sums."""
+    dq, dk = grad(q, k, s, row, col, a, w)
+    gq, gk, qsum, ksum, _, _ = _group_sums(q, k, qg, kg)
+    dq -= pa[:, None] * ksum[gq]
+    dk -= torch.zeros_like(ksum).index_add_(0, gq, pa[:, None] * q)[gk]
+    if col is not None:
+        dq -= torch.zeros_like(ksum).index_add_(0, gk, pw[:, None] * k)[gq]
+        dk -= pw[:, None] * qsum[gk]
+    return dq, dk
+
+
 def masked_lse(q, k, scale, qg, kg, self_offset, decoupled: bool, hardness: float, margin, ref_r, ref_c,
                need_cols: bool):
     """Split LSE statistics over each row's / column's set and the positives' logit sums and counts."""
     q, k = upcast(q), upcast(k)
     acc, n, m = q.dtype, q.shape[0], k.shape[0]
     s = scale.to(acc)
+    if _whole_sets(self_offset, decoupled, hardness, margin):
+        return _whole_sets_lse(q, k, s, qg, kg, need_cols)
     row = torch.empty(2, n, dtype=acc, device=q.device)
     pos_r = torch.empty(2, n, dtype=acc, device=q.device)
     if need_cols:
@@ -299,6 +342,8 @@ def masked_grad(q, k, scale, qg, kg, self_offset, decoupled: bool, hardness: flo
     a, pa = a.to(acc), pa.to(acc)
     if need_cols:
         w, pw = w.to(acc), pw.to(acc)
+    if _whole_sets(self_offset, decoupled, hardness, margin):
+        return _whole_sets_grad(q, k, s, qg, kg, row, col, a, w, pa, pw)
     dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)
     dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device)
     for i0, i1, raw, z, pos, me in _masked_rows(q, k, s, qg, kg, self_offset, need_cols):

@@ -81,3 +81,49 @@ register(
         flops=lambda shape: 8.0 * shape[0] * shape[1] * shape[2],  # 4 GEMM sweeps (SPEC.md §1)
     )
 )
+
+
+# Multi-positive groups (issue 11): 4 keys per group, every query and key in one of N/4 groups, symmetric;
+# naive is the reference's masked-dense version (the [N, M] logits, the positive mask and the masked softmaxes).
+POSITIVES_PER_GROUP = 4
+
+
+def info_nce_groups_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+    """``info_nce_inputs`` plus group ids: ``N / 4`` groups of 4 queries and of 4 keys (shuffled)."""
+    inputs = info_nce_inputs(shape, dtype, device)
+    n, m, _ = shape
+    gen = torch.Generator().manual_seed(1)
+    groups = max(1, n // POSITIVES_PER_GROUP)
+    inputs["qg"] = (torch.randperm(n, generator=gen) % groups).to(device)
+    inputs["kg"] = (torch.randperm(m, generator=gen) % groups).to(device)
+    return inputs
+
+
+def _info_nce_groups_xloss(inputs: dict) -> None:
+    import xloss
+
+    xloss.info_nce(inputs["q"], inputs["k"], logit_scale=inputs["scale"], query_groups=inputs["qg"],
+                   key_groups=inputs["kg"]).backward()
+
+
+def _info_nce_groups_naive(inputs: dict) -> None:
+    from xloss import reference
+
+    reference.info_nce(inputs["q"], inputs["k"], logit_scale=inputs["scale"], query_groups=inputs["qg"],
+                       key_groups=inputs["kg"]).backward()
+
+
+register(
+    Family(
+        name="info_nce_groups",
+        make_inputs=info_nce_groups_inputs,
+        xloss=Impl("xloss", "xloss.info_nce(query_groups=, key_groups=)", _info_nce_groups_xloss,
+                   xloss_backend("info_nce")),
+        naive=Impl(
+            "naive", "xloss.reference.info_nce (masked dense)", _info_nce_groups_naive, lambda device: "reference",
+            # the logits, the raw products, masks, the masked logits and the softmax and their gradients
+            estimate_peak_bytes=lambda shape, dtype, device: int(2 * _info_nce_naive_peak(shape, dtype, device)),
+        ),
+        flops=lambda shape: 8.0 * shape[0] * shape[1] * shape[2],
+    )
+)
