@@ -31,10 +31,11 @@ pytestmark = pytest.mark.skipif(
 
 F64 = torch.float64
 RTOL, ATOL = 1e-10, 1e-12
-# Per-rank (queries, keys): an even split and an uneven one (n_r <= m_r so that default labels are valid).
+# Per-rank (queries, keys): an even split and an uneven one (n_r <= m_r so that default labels are valid), and one
+# with more queries than keys on some ranks ("wide": group ids only, no default pairing).
 SIZES = {
-    2: {"even": ([4, 4], [4, 4]), "uneven": ([3, 5], [4, 7])},
-    4: {"even": ([3, 3, 3, 3], [3, 3, 3, 3]), "uneven": ([2, 3, 1, 4], [3, 5, 2, 6])},
+    2: {"even": ([4, 4], [4, 4]), "uneven": ([3, 5], [4, 7]), "wide": ([5, 3], [3, 4])},
+    4: {"even": ([3, 3, 3, 3], [3, 3, 3, 3]), "uneven": ([2, 3, 1, 4], [3, 5, 2, 6]), "wide": ([3, 1, 4, 2], [2, 3, 2, 3])},
 }
 D = 5
 MEM_N, MEM_M, MEM_D = 32, 4096, 128  # memory check: per-rank queries, keys, features (a key block = 4 MiB)
@@ -160,12 +161,12 @@ def _check_info_nce_targets(world):
     ]
     seed = 500
     for exchange in ("ring", "all_gather"):
-        for split in ("even", "uneven"):
+        for split in ("even", "uneven", "wide"):
             for cfg in configs:
                 cfg = dict(cfg)
                 groups, tower = cfg.pop("groups"), cfg.pop("tower", False)
-                if tower and split == "uneven":
-                    continue  # the single tower needs N == M on every rank's concatenation: the even split
+                if (tower and split != "even") or (split == "wide" and not groups):
+                    continue  # the single tower needs N == M (the even split); "wide" needs group ids
                 seed += 1
                 how = {} if seed % 2 else {"grad_reduction": "sum"}
                 f = world if seed % 2 else 1
@@ -275,6 +276,65 @@ def _check_sigmoid(world):
                    f"sigmoid {exchange} no_grad")
 
 
+def _check_sigmoid_groups(world):
+    """Group ids (issue 11): each rank passes the ids of its own rows; the values and the gradients of query,
+    key, logit_scale and logit_bias equal the single-process loss of the concatenated batch (several positives
+    per row, rows without one), both exchanges, even and uneven splits, both grad reductions.  With two ranks
+    also the Triton engine (fp32, in the interpreter) under both exchanges."""
+    group = dist.group.WORLD
+    seed = 700
+    for exchange in ("ring", "all_gather"):
+        for split in ("even", "uneven"):
+            for reduction in ("mean", "sum", "none"):
+                seed += 1
+                how = {} if seed % 2 else {"grad_reduction": "sum"}
+                f = world if seed % 2 else 1
+                what = f"sigmoid groups {exchange} {split} {reduction} {how}"
+                q, k, _, _, grad, qs, ks = _batch(world, split, seed)
+                gen = torch.Generator().manual_seed(seed)
+                qg = torch.randint(0, 5, (q.shape[0],), generator=gen)  # ids 3 and 4: queries without a positive
+                kg = torch.randint(0, 3, (k.shape[0],), generator=gen)
+                qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+                sr = torch.tensor(2.5, dtype=F64, requires_grad=True)
+                br = torch.tensor(-1.3, dtype=F64, requires_grad=True)
+                ref = _sigmoid_reference(qr, kr, logit_scale=sr, logit_bias=br, query_groups=qg, key_groups=kg,
+                                         reduction=reduction)
+                ql, kl = q[qs].clone().requires_grad_(), k[ks].clone().requires_grad_()
+                s = torch.tensor(2.5, dtype=F64, requires_grad=True)
+                b = torch.tensor(-1.3, dtype=F64, requires_grad=True)
+                loss = xloss.sigmoid_loss(ql, kl, logit_scale=s, logit_bias=b, query_groups=qg[qs],
+                                          key_groups=kg[ks], reduction=reduction, group=group, exchange=exchange,
+                                          **how)
+                g = _check_reduced(loss, ref, reduction, grad, qs)
+                (loss * g).sum().backward()
+                (ref * (grad if reduction == "none" else g)).sum().backward()
+                _close(ql.grad, f * qr.grad[qs], f"{what}: grad query")
+                _close(kl.grad, f * kr.grad[ks], f"{what}: grad key")
+                _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
+                _close(_gather(b.grad.reshape(1)).sum() / f, br.grad, f"{what}: Σ_ranks grad logit_bias")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # gloo serves CPU tensors only
+    if world != 2 or importlib.util.find_spec("triton") is None or not interpret:
+        return
+    for exchange in ("ring", "all_gather"):
+        for reduction in ("mean", "none"):
+            q, k, _, _, grad, qs, ks = _batch(world, "uneven", 790)
+            qg, kg = torch.tensor([0, 1, 1, 7, 2, 0, 2, 1]), torch.tensor([1, 0, 2, 1, 1, 0, 2, 2, 0, 1, 2])
+            qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+            ref = _sigmoid_reference(qr, kr, logit_scale=3.0, logit_bias=-2.0, query_groups=qg, key_groups=kg,
+                                     reduction=reduction)
+            (ref * (grad if reduction == "none" else 1.0)).sum().backward()
+            ql, kl = q[qs].float().requires_grad_(), k[ks].float().requires_grad_()
+            loss = xloss.sigmoid_loss(ql, kl, logit_scale=3.0, logit_bias=-2.0, query_groups=qg[qs],
+                                      key_groups=kg[ks], reduction=reduction, backend="triton", group=group,
+                                      exchange=exchange, grad_reduction="sum")
+            (loss * (grad[qs].float() if reduction == "none" else 1.0)).sum().backward()
+            what = f"triton sigmoid groups {exchange} {reduction}"
+            _close(loss.double(), ref.detach()[qs] if reduction == "none" else ref.detach(), f"{what}: loss",
+                   rtol=1e-5, atol=1e-5)
+            _close(ql.grad.double(), qr.grad[qs], f"{what}: grad query", rtol=1e-4, atol=1e-5)
+            _close(kl.grad.double(), kr.grad[ks], f"{what}: grad key", rtol=1e-4, atol=1e-5)
+
+
 def _check_ddp(world):
     """The issue's bar: a replicated encoder and scale on every rank, the loss with DEFAULT options, backward,
     then parameter gradients averaged over ranks as DDP does: they equal the single-process gradients of the
@@ -363,6 +423,10 @@ def _check_bad_input(world):
             xloss.info_nce(q, k, labels=bad, **call)
         with pytest.raises(ValueError, match=r"rank 1: query has more rows than key \(6 > 4\)"):
             xloss.info_nce(torch.randn(6 if rank == 1 else 3, D, dtype=F64), k, **call)
+        with pytest.raises(ValueError, match=r"query_groups/key_groups must be given on every rank or on none, got "
+                                             r"them on rank\(s\) \[0\] only"):
+            ids = {"query_groups": torch.zeros(3, dtype=torch.long), "key_groups": torch.zeros(4, dtype=torch.long)}
+            xloss.info_nce(q, k, **(ids if rank == 0 else {}), **call)
         with pytest.raises(ValueError, match=r"backend 'gloo' serves \(cpu\); rank\(s\) \[1\]"):
             dev = "meta" if rank == 1 else "cpu"
             xloss.info_nce(q.to(dev), k.to(dev), **call)
@@ -440,6 +504,7 @@ def _worker(rank, world, path, out):
               _measure_memory]
     if world == 2:
         checks[3:3] = [_check_bad_input, _check_triton, _check_compile]
+    checks.insert(checks.index(_check_sigmoid) + 1, _check_sigmoid_groups)
     try:
         for check in checks:
             start = time.perf_counter()
@@ -493,6 +558,11 @@ def test_info_nce_targets_match_single_process(worlds, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_sigmoid_matches_single_process(worlds, world):
     _assert_ok(worlds, world, "_check_sigmoid")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sigmoid_groups_match_single_process(worlds, world):
+    _assert_ok(worlds, world, "_check_sigmoid_groups")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -30,7 +30,7 @@ from ._reduce import reduce_terms
 EXCHANGES = ("ring", "all_gather")
 GRAD_REDUCTIONS = ("mean", "sum")
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-TAG_K, TAG_COL, TAG_DK = 11, 12, 13  # one tag per kind of ring message
+TAG_K, TAG_COL, TAG_DK, TAG_TEACHER = 11, 12, 13, 14  # one tag per kind of ring message
 # Devices each single backend can serve ("cpu:gloo,cuda:nccl"-style strings are parsed instead).
 _BACKEND_DEVICES = {"gloo": {"cpu"}, "nccl": {"cuda"}, "mpi": {"cpu"}}
 _REDUCE_SCATTER_OK = True  # False once the backend has refused reduce_scatter (then: all_reduce + slice)
@@ -241,7 +241,7 @@ class GroupComm:
         return self.all_gather_rows(x.reshape(-1)).sum(0).reshape(x.shape)
 
 
-def _exchange_meta(comm: GroupComm, query, key, labels, scales, need_grad: bool):
+def _exchange_meta(comm: GroupComm, query, key, labels, scales, need_grad: bool, groups: bool = False):
     """One all_gather of ``[n, m, D, dtype, device ok, label min, label max, has labels, need grad, scales…]``.
 
     Every rank sees the same table and so raises the same error: a check that failed on one rank only would
@@ -255,7 +255,7 @@ def _exchange_meta(comm: GroupComm, query, key, labels, scales, need_grad: bool)
         lo, hi = int(labels.min()), int(labels.max())
     vals = [float(s.detach()) if ok else 0.0 for s in scales]
     row = [n, m, d, _DTYPES.index(query.dtype) if query.dtype in _DTYPES else -1, int(ok), lo, hi,
-           int(labels is not None), int(need_grad)] + vals
+           int(labels is not None), int(need_grad)] + vals + [int(groups)]
     meta = torch.tensor(row, dtype=torch.float64, device=comm.meta_device(query.device))
     table = comm.all_gather_rows(meta).cpu().tolist()
     ranks = range(comm.size)
@@ -279,8 +279,14 @@ def _exchange_meta(comm: GroupComm, query, key, labels, scales, need_grad: bool)
         got = [t[9 + j] for t in table]
         if any(v != got[0] for v in got):
             raise ValueError(f"{name} must be the same on every rank (a replicated parameter), got {got}")
+    with_groups = [r for r in ranks if table[r][-1]]
+    if with_groups and len(with_groups) != comm.size:
+        raise ValueError(f"query_groups/key_groups must be given on every rank or on none, got them on rank(s) "
+                         f"{with_groups} only")
     lay = Layout([int(t[0]) for t in table], [int(t[1]) for t in table], comm.rank)
     for r in ranks:
+        if with_groups:  # group ids say which keys are positives: no default pairing to check
+            continue
         if table[r][7]:
             if table[r][5] < 0 or table[r][6] >= lay.M:
                 raise ValueError(
@@ -334,8 +340,8 @@ class KeyRing:
     depend on the world size.
     """
 
-    def __init__(self, comm: GroupComm, k: torch.Tensor):
-        self.comm, self.lay, self.k = comm, comm.layout, k.contiguous()
+    def __init__(self, comm: GroupComm, k: torch.Tensor, tag: int = TAG_K):
+        self.comm, self.lay, self.k, self.tag = comm, comm.layout, k.contiguous(), tag
 
     def __iter__(self):
         comm, lay, k = self.comm, self.lay, self.k
@@ -346,7 +352,7 @@ class KeyRing:
             works = None
             if t < comm.size - 1:  # the next block travels while the caller computes on this one
                 nxt = bufs[t % len(bufs)][: lay.m[(b - 1) % comm.size]]
-                works = comm.ring(cur, nxt, TAG_K)
+                works = comm.ring(cur, nxt, self.tag)
             yield lay.k_off[b], lay.m[b], cur
             wait(works)
             cur = nxt
@@ -403,19 +409,21 @@ def check_global_labels(labels, n: int, device: torch.device) -> None:
 
 
 def make(group, exchange: str, grad_reduction: str, query, key, labels, scales, need_grad: bool,
-         engine: str = ""):
+         engine: str = "", groups: bool = False):
     """The communicator of one call, and whether any rank needs gradients.
 
     :data:`LOCAL` for ``group=None``, torch.distributed not initialised or a one-rank group.  Otherwise a
     :class:`GroupComm` whose layout comes from one small all_gather that also checks, on every rank at once, what
     must agree across ranks (D, dtype, device, the scales, the label range), so that a bad input raises the same
-    error everywhere instead of leaving the other ranks waiting.
+    error everywhere instead of leaving the other ranks waiting.  ``groups``: the call passes group ids (every rank
+    must then pass them, and no default pairing of local query i with local key i is assumed).
     """
     _checks.check_choice("exchange", exchange, EXCHANGES)
     _checks.check_choice("grad_reduction", grad_reduction, GRAD_REDUCTIONS)
     if group is None or world_size(group) == 1:
         return LOCAL, need_grad
-    return _eager_make_group()(group, exchange, grad_reduction, query, key, labels, scales, need_grad, engine)
+    return _eager_make_group()(group, exchange, grad_reduction, query, key, labels, scales, need_grad, engine,
+                               groups)
 
 
 # Under torch.compile a multi-rank call runs eagerly: the metadata exchange reads values on the host and the ring
@@ -434,7 +442,7 @@ def _eager_make_group():
     return _EAGER[0]
 
 
-def _make_group(group, exchange, grad_reduction, query, key, labels, scales, need_grad, engine):
+def _make_group(group, exchange, grad_reduction, query, key, labels, scales, need_grad, engine, groups=False):
     if engine == "reference":  # raised on every rank before any collective
         raise ValueError("backend='reference' is single-process only; with a group use 'auto', 'chunked' or "
                          "'triton'")
@@ -442,5 +450,5 @@ def _make_group(group, exchange, grad_reduction, query, key, labels, scales, nee
         raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     check_global_labels(labels, query.shape[0], query.device)
     comm = GroupComm(group, exchange, grad_reduction)
-    comm.layout, need_grad = _exchange_meta(comm, query, key, labels, scales, need_grad)
+    comm.layout, need_grad = _exchange_meta(comm, query, key, labels, scales, need_grad, groups)
     return comm, need_grad

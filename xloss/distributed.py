@@ -18,6 +18,11 @@ Semantics
   the concatenated keys, ``[0, M)``.  Default: local query ``i`` of rank ``r`` ↔ global key
   ``offset_r + i`` where ``offset_r = m_0 + … + m_{r-1}``, which needs ``n_r <= m_r`` on every rank (as the
   single-process default needs ``N <= M``).  With the usual equal split of a CLIP batch this is the diagonal.
+* **Group ids are global too.**  ``query_groups`` / ``key_groups``: each rank passes the ids of its own rows
+  (``[n_r]``, ``[m_r]``); a pair is positive iff its ids are equal, whichever ranks hold the two rows.  Only
+  the key ids travel (``M`` integers per rank), never ``[N, M]`` targets.  Pass them on every rank or on
+  none (the metadata exchange checks it); with group ids no default pairing is assumed, so ``n_r > m_r`` is
+  fine.  ``exclude_self`` (InfoNCE) pairs global query ``i`` with global key ``i``.
 * **Uneven per-rank batch sizes** are supported: the sizes are gathered once per call (one small all_gather
   that also checks D, dtype, device, logit scale and label range on every rank at once, so that a bad input
   raises the same error on every rank instead of hanging the others).

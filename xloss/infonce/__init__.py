@@ -285,7 +285,8 @@ def info_nce(
     name = _dispatch.resolve("info_nce", backend, query.device, query.dtype)
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale))
-    comm, _ = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale], need_grad, name)
+    comm, _ = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale], need_grad, name,
+                         groups=groups)
     if rule is not None and rule.exclude_self and comm.total_rows(n) != comm.total_keys(m):
         raise ValueError(f"exclude_self=True needs as many queries as keys (one view matrix against itself), got "
                          f"N={comm.total_rows(n)} and M={comm.total_keys(m)}")

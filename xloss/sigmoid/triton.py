@@ -3,8 +3,9 @@
 Same engine contract as ``chunked.py`` (``SigmoidEngine`` in ``engine.py``).  ``_sigmoid_kernel``: a program owns
 ``BLOCK_M`` query rows and walks the column blocks of its column split.  Per ``BLOCK_M × BLOCK_N`` tile it
 computes ``z = s·<q_i, k_j> + b`` with ``tl.dot`` (over ``BLOCK_D`` chunks of D when D is large), then in
-registers, with ``t = -y·z`` (``y = +1`` on the positive pair ``j = labels[i]``, else -1) and
-``e = exp(-|z|)`` (in (0, 1], never overflows):
+registers, with ``t = -y·z`` (``y = +1`` on the positive pair ``j = labels[i]``, else -1; with group ids, the
+``GROUPS`` variant, ``y = +1`` where the tile's query and key ids are equal) and ``e = exp(-|z|)`` (in (0, 1],
+never overflows):
 
 * loss ``-log σ(y z) = softplus(t) = max(t, 0) + log1p(e)``, summed per row (``log1p`` in Goldberg's
   accurate form, since Triton 3.6 has none: a naive ``log(1 + e)`` drops every term below 6e-8, i.e. all the
@@ -76,7 +77,8 @@ _LN2 = tl.constexpr(0.6931471805599453)
 def _sigmoid_kernel(
     r_ptr, c_ptr,  # [R, D] rows, [C, D] columns: q and k (k and q when TRANSPOSED); unit stride along D
     scale_ptr, bias_ptr,  # [] fp32: logit scale and bias, read on the device (no host sync)
-    labels_ptr,  # [N] int64: each query's positive key in [0, M), or -1 (none in this block)
+    labels_ptr,  # [N] int64: each query's positive key in [0, M), or -1 (none in this block); not with GROUPS
+    row_groups_ptr, col_groups_ptr,  # [R], [C] int64 group ids of the rows and the columns (GROUPS)
     weight_ptr,  # [N] fp32: per-query gradient weight (HAS_WEIGHT)
     loss_ptr, dsum_ptr,  # [split, R] fp32 out: per-row Σ softplus(-y z) and Σ dZ over the split (WRITE_STATS)
     drows_ptr,  # [R, D] fp32 out (contiguous, zero-initialised): += dZ c  (NEED_GRAD)
@@ -86,6 +88,7 @@ def _sigmoid_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr,  # D <= BLOCK_D: the row block and its gradient accumulator stay in registers
     TRANSPOSED: tl.constexpr,  # rows are keys, columns are queries (labels and weights index columns)
+    GROUPS: tl.constexpr,  # y = +1 iff the row's and the column's group ids match (else the labels decide)
     HAS_WEIGHT: tl.constexpr,
     WRITE_STATS: tl.constexpr,  # store the per-row loss and dZ sums
     NEED_GRAD: tl.constexpr,  # accumulate drows (and dcols)
@@ -102,8 +105,11 @@ def _sigmoid_kernel(
     d_ok = offs_d < D
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
+    if GROUPS:
+        group_r = tl.load(row_groups_ptr + offs_m, mask=row_ok, other=0)  # [BLOCK_M]
     if not TRANSPOSED:
-        label_r = tl.load(labels_ptr + offs_m, mask=row_ok, other=-1).to(tl.int64)  # [BLOCK_M]
+        if not GROUPS:
+            label_r = tl.load(labels_ptr + offs_m, mask=row_ok, other=-1).to(tl.int64)  # [BLOCK_M]
         if HAS_WEIGHT:
             weight_r = tl.load(weight_ptr + offs_m, mask=row_ok, other=0.0)
     if SINGLE_D:
@@ -126,7 +132,10 @@ def _sigmoid_kernel(
                          BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         z = dots * scale + bias  # [BLOCK_M, BLOCK_N]
         valid = row_ok[:, None] & col_ok[None, :]
-        if TRANSPOSED:
+        if GROUPS:  # the same test both ways round: TRANSPOSED only swaps which ids are the rows'
+            group_c = tl.load(col_groups_ptr + offs_n, mask=col_ok, other=0)  # [BLOCK_N]
+            positive = group_r[:, None] == group_c[None, :]
+        elif TRANSPOSED:
             label_c = tl.load(labels_ptr + offs_n, mask=col_ok, other=-1).to(tl.int64)  # [BLOCK_N]
             positive = offs_m[:, None] == label_c[None, :]
         else:
@@ -202,9 +211,10 @@ def _split(row_blocks: int, col_blocks: int, block_n: int, device: torch.device,
     return _common.column_split(row_blocks, col_blocks, block_n, target, allow)
 
 
-def _launch(rows, cols, s, b, labels, weight, d_rows, d_cols, *, transposed, stats, need_grad, atomic):
-    """One ``_sigmoid_kernel`` sweep over row blocks of ``rows``.  Returns the ``[split, R]`` loss and dZ row
-    sums (None unless ``stats``)."""
+def _launch(rows, cols, s, b, labels, groups, weight, d_rows, d_cols, *, transposed, stats, need_grad,
+            atomic):
+    """One ``_sigmoid_kernel`` sweep over row blocks of ``rows``; ``groups``: None or the ``(rows', cols')``
+    group ids.  Returns the ``[split, R]`` loss and dZ row sums (None unless ``stats``)."""
     r, d = rows.shape
     c = cols.shape[0]
     block_m, block_n, chunk, num_warps, num_stages = CONFIG
@@ -213,13 +223,15 @@ def _launch(rows, cols, s, b, labels, weight, d_rows, d_cols, *, transposed, sta
     split, cols_per_split = _split(row_blocks, col_blocks, block_n, rows.device, allow=atomic or not need_grad)
     part = torch.empty(2, split, r, dtype=torch.float32, device=rows.device) if stats else None
     dummy = s  # never read or written: its constexpr flag is off
+    row_groups, col_groups = (dummy, dummy) if groups is None else groups
     _sigmoid_kernel[(row_blocks, split)](
-        rows, cols, s, b, labels, dummy if weight is None else weight,
+        rows, cols, s, b, dummy if labels is None else labels, row_groups, col_groups,
+        dummy if weight is None else weight,
         dummy if part is None else part[0], dummy if part is None else part[1],
         d_rows if need_grad else dummy, d_cols if (need_grad and atomic) else dummy,
         r, c, d, rows.stride(0), cols.stride(0), cols_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d, TRANSPOSED=transposed,
-        HAS_WEIGHT=weight is not None, WRITE_STATS=stats, NEED_GRAD=need_grad,
+        GROUPS=groups is not None, HAS_WEIGHT=weight is not None, WRITE_STATS=stats, NEED_GRAD=need_grad,
         COMPUTE_DCOLS=need_grad and atomic, DROWS_ATOMIC=need_grad and split > 1,
         INPUT_PRECISION=_common.input_precision(rows.dtype), num_warps=num_warps, num_stages=num_stages,
     )
@@ -236,6 +248,8 @@ def forward_backward(
     *,
     row_weight: torch.Tensor | None = None,
     per_row: bool = False,
+    qg: torch.Tensor | None = None,
+    kg: torch.Tensor | None = None,
 ):
     """Loss and gradients of one block of queries against one block of keys (one sweep; two when
     deterministic).  Same contract as ``xloss.sigmoid.cpu.forward_backward``.
@@ -243,10 +257,13 @@ def forward_backward(
     Args:
         q: ``[n, D]``; k: ``[m, D]``: float32/float16/bfloat16, same dtype and device (float64: TypeError).
         scale, bias: 0-dim tensors (read by the kernel from device memory).
-        labels: ``[n]`` integer: positive key index inside this key block, or -1 (none in this block).
+        labels: ``[n]`` integer: positive key index inside this key block, or -1 (none in this block); ignored
+            (may be None) with group ids.
         need_grad: compute the gradients (else they are None and the gradient dots are skipped).
         row_weight: optional ``[n]`` weights: gradients of ``Σ_i w_i ℓ_i``.
         per_row: return the ``[n]`` row sums instead of their 0-dim total.
+        qg, kg: optional ``[n]``, ``[m]`` integer group ids (both or neither), instead of ``labels``:
+            ``y_ij = +1`` iff ``qg[i] == kg[j]``, compared inside the tile (the ``GROUPS`` variant).
 
     Returns:
         ``(loss, dq, dk, ds, db)``, float32: the block's ``Σ -log σ(y z)`` (0-dim, or ``[n]``) and its gradients
@@ -257,7 +274,12 @@ def forward_backward(
     f32 = {"dtype": torch.float32, "device": dev}
     s = scale.detach().to(**f32).reshape(())
     b = bias.detach().to(**f32).reshape(())
-    labels = labels.to(device=dev, dtype=torch.int64).contiguous()
+    groups = None
+    if qg is not None:
+        groups = tuple(g.to(device=dev, dtype=torch.int64).contiguous() for g in (qg, kg))
+        labels = None
+    else:
+        labels = labels.to(device=dev, dtype=torch.int64).contiguous()
     n, d = q.shape
     m = k.shape[0]
     weight, norm = None, None
@@ -271,10 +293,12 @@ def forward_backward(
     dq = torch.zeros(n, d, **f32) if need_grad else None
     dk = torch.zeros(m, d, **f32) if need_grad else None
     deterministic = _common.deterministic()
-    part = _launch(q, k, s, b, labels, weight, dq, dk, transposed=False, stats=True, need_grad=need_grad,
-                   atomic=not deterministic)
+    part = _launch(q, k, s, b, labels, groups, weight, dq, dk, transposed=False, stats=True,
+                   need_grad=need_grad, atomic=not deterministic)
     if need_grad and deterministic:
-        _launch(k, q, s, b, labels, weight, dk, None, transposed=True, stats=False, need_grad=True, atomic=False)
+        key_major = None if groups is None else groups[::-1]  # rows are keys: (kg, qg)
+        _launch(k, q, s, b, labels, key_major, weight, dk, None, transposed=True, stats=False, need_grad=True,
+                atomic=False)
     loss_rows = part[0].sum(0)
     loss = loss_rows if per_row else loss_rows.sum()
     if not need_grad:
