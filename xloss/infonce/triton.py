@@ -20,6 +20,31 @@ everything else):
   each tile, forms ``P = a_i·exp((z - m_i) - ls_i) + w_j·exp((z - m_j) - ls_j)`` in registers and
   accumulates ``dq_u = P k`` for its own rows and ``dk_u = Pᵀ q`` with ``tl.atomic_add``.
 
+Structured targets (groups, exclude_self, false-negative margin, decoupled, hardness: the target rule of
+``engine.py``) reuse these two kernels under ``tl.constexpr`` flags (``STRUCTURED``, ``EXCLUDE_SELF``,
+``DECOUPLED``, ``HAS_MARGIN``; hardness is a runtime float), so that the plain path compiles to the same code as
+before (its PTX instruction stream is unchanged) and both paths share the tiling, the D chunking, the column
+splits and the deterministic mode.  The rule itself is two small jit helpers, ``_targets`` (positives ``Y`` and
+the entries both LSEs keep, from group ids loaded per row / column block and ``i - j == self_offset``) and
+``_under_margin`` (drops the negatives whose raw dot exceeds ``ref + margin``; the launchers form the fp32
+thresholds ``ref + margin`` once, so every sweep compares the dots with the same numbers):
+
+* ``positive_max(q, k, qg, kg, self_offset, need_cols)``: ``_positive_max_kernel``, the margin's references,
+  the max raw dot over positives per row (partials ``[split, N]``) and per column (``[row blocks, M]``), merged
+  by a max; same tiles and D chunks as ``_lse_kernel``, so the reference is one of the very dots compared.
+* ``masked_lse(...)``: ``_lse_kernel`` with ``STRUCTURED``.  Statistics of ``ẑ`` over ``in_row`` / ``in_col``;
+  a tile or a whole row may hold none of its set, so 0 stands in for a -inf max as the subtrahend and an empty
+  set ends as ``(-inf, -inf)`` (``_merge`` handles -inf partials).  The extra O(N + M) state, the positives'
+  ``Σ Y z`` and count, lives in registers per row (one partial per column split) and in partial buffers per
+  (row block, column) like the column max / sum, summed in a fixed order: deterministic, no atomics.
+* ``masked_grad(...)``: ``_grad_kernel`` with ``STRUCTURED``: ``G = in_row·a·exp(ẑ - row) + in_col·w·exp(ẑ -
+  col) - Y·(pa + pw)``.  Masked entries are selected away with ``tl.where`` (never multiplied: the exponential
+  may be inf there), the statistics of an empty set are made inert before launch (max 0, shift +inf, sign 0),
+  and one power of two normalises all four weights.  Deterministic mode swaps the roles as for ``grad``
+  (``_Targets.swapped``: groups, thresholds, positive weights, and ``self_offset → -self_offset``).
+The negatives' ``ẑ`` is ``(scale + hardness)·dot`` (one rounding that only a select consumes), not
+``z + hardness·dot``, whose FMA contraction could differ between the forward and the backward.
+
 Why split statistics: a softmax entry formed as ``exp(z - lse)`` with ``lse`` one fp32 number of size |z|
 (~100 at CLIP's logit scale) carries an error of |z|·eps in every entry, which the cancellation
 ``P - onehot`` of the InfoNCE gradient turns into gradients 6-800× less accurate than PyTorch's
@@ -61,6 +86,7 @@ no autotuning yet (``XLOSS_AUTOTUNE`` is not read).  Inputs need unit stride alo
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -96,6 +122,35 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x·log2 e): exp2 is t
 
 
 @triton.jit
+def _targets(offs_m, offs_n, row_ok, col_ok, rg, cg, self_offset,
+             EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr):
+    """The target rule of one tile (``engine.py``) before the margin. -> ``(y, keep)`` [BLOCK_M, BLOCK_N] bool
+
+    ``y``: the positive pairs (same group, not the self pair); ``keep``: the entries that both LSEs hold before
+    the margin (in range, not the self pair, not a positive when decoupled).  Out-of-range entries are in
+    neither, so a caller needs no other mask.
+    """
+    keep = row_ok[:, None] & col_ok[None, :]
+    if EXCLUDE_SELF:  # local indices: the pair (i, i) of the single tower sits at i - j == self_offset
+        keep = keep & ((offs_m[:, None] - offs_n[None, :]) != self_offset)
+    y = keep & (rg[:, None] == cg[None, :])
+    if DECOUPLED:
+        keep = keep & (y == 0)
+    return y, keep
+
+
+@triton.jit
+def _under_margin(keep, y, dots, thr, HAS_MARGIN: tl.constexpr):
+    """``keep`` less the negatives above the margin: ``raw > ref + margin`` (``thr`` = ref + margin, broadcast).
+
+    A row without positive has ref = -inf, so every negative is above it and its set keeps only positives.
+    """
+    if HAS_MARGIN:
+        keep = keep & (y | (dots <= thr))
+    return keep
+
+
+@triton.jit
 def _lse_kernel(
     q_ptr, k_ptr,  # [N, D], [M, D] fp32/fp16/bf16, unit stride along D
     scale_ptr,  # [] fp32: the logit scale, read on the device (no host sync)
@@ -103,12 +158,21 @@ def _lse_kernel(
     pmax_c_ptr, psum_c_ptr,  # [cdiv(N, BLOCK_M), M] fp32 out: the same per column, per row block (NEED_COLS)
     labels_ptr,  # [N] int64: each row's positive column, in [0, M)
     zpos_ptr,  # [N] fp32 out: z[i, labels[i]], stored by the program whose column range holds the label
+    # -- structured targets (STRUCTURED; labels_ptr and zpos_ptr are then unused) --
+    qg_ptr, kg_ptr,  # [N], [M] int64 group ids
+    thr_r_ptr, thr_c_ptr,  # [N], [M] fp32 margin thresholds ref + margin (HAS_MARGIN; thr_c with NEED_COLS)
+    ppos_r_ptr, pcnt_r_ptr,  # [split, N] fp32 out: Σ_j Y_ij z_ij and Σ_j Y_ij over each split's columns
+    ppos_c_ptr, pcnt_c_ptr,  # [cdiv(N, BLOCK_M), M] fp32 out: the same per column, per row block (NEED_COLS)
+    self_offset,  # int: the self pair is i - j == self_offset (EXCLUDE_SELF)
+    hardness,  # float: negatives' logits are (scale + hardness)·dot
     N, M, D, stride_qn, stride_kn,
     cols_per_split,  # columns per split, a multiple of BLOCK_N
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr,  # D <= BLOCK_D: load the q block once, outside the column loop
     NEED_COLS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    STRUCTURED: tl.constexpr = False,  # the target rule of engine.py instead of labels
+    EXCLUDE_SELF: tl.constexpr = False, DECOUPLED: tl.constexpr = False, HAS_MARGIN: tl.constexpr = False,
 ):
     # grid: (cdiv(N, BLOCK_M), split).  Logits and maxes are in natural units, z = dot·scale exactly as
     # _grad_kernel recomputes them; only differences z - max (small where it matters) go to base 2.
@@ -117,7 +181,16 @@ def _lse_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
     row_ok = offs_m < N
     scale = tl.load(scale_ptr).to(tl.float32)
-    label = tl.load(labels_ptr + offs_m, mask=row_ok, other=-1).to(tl.int64)  # [BLOCK_M]; -1: no column
+    if STRUCTURED:
+        scale_h = scale + hardness  # the negatives' scale
+        qg = tl.load(qg_ptr + offs_m, mask=row_ok, other=0)
+        thr_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_MARGIN:
+            thr_r = tl.load(thr_r_ptr + offs_m, mask=row_ok, other=0.0)
+        pos_s = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j Y_ij z_ij over the columns seen
+        pos_n = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j Y_ij
+    else:
+        label = tl.load(labels_ptr + offs_m, mask=row_ok, other=-1).to(tl.int64)  # [BLOCK_M]; -1: no column
     if SINGLE_D:
         offs_d = tl.arange(0, BLOCK_D)
         q_blk = tl.load(q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :],
@@ -138,26 +211,107 @@ def _lse_kernel(
             dots = dot_tile(q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_qn, stride_kn,
                             BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         z = dots * scale  # [BLOCK_M, BLOCK_N]; masked rows/cols read zeros, so every entry is finite
-        # Row statistics: invalid columns are -inf.  Every tile has >= 1 valid column, so the new max is
-        # finite and exp2((m_i - m_new)·log2 e) never sees -inf - (-inf) (first tile: exp2(-inf) = 0).
-        z_r = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z_r, 1))
-        l_i = l_i * tl.exp2((m_i - m_new) * _LOG2E) + tl.sum(tl.exp2((z_r - m_new[:, None]) * _LOG2E), 1)
-        m_i = m_new
-        # The positive logit from the same z (its column is valid, so z_r holds the same value there): one
-        # tile holds it, every other term is +0.0, so the sums are exact and z_pos equals that entry.
-        z_pos += tl.sum(tl.where(offs_n[None, :] == label[:, None], z, 0.0), 1)
-        if NEED_COLS:
-            # Column statistics of this row block: invalid rows are -inf; every tile has >= 1 valid row.
-            z_c = tl.where(row_ok[:, None], z, float("-inf"))
-            c_max = tl.max(z_c, 0)  # [BLOCK_N]
-            c_sum = tl.sum(tl.exp2((z_c - c_max[None, :]) * _LOG2E), 0)
-            tl.store(pmax_c_ptr + pid_m * M + offs_n, c_max, mask=col_ok)
-            tl.store(psum_c_ptr + pid_m * M + offs_n, c_sum, mask=col_ok)
+        if STRUCTURED:
+            cg = tl.load(kg_ptr + offs_n, mask=col_ok, other=0)
+            y, keep = _targets(offs_m, offs_n, row_ok, col_ok, qg, cg, self_offset, EXCLUDE_SELF, DECOUPLED)
+            z_y = tl.where(y, z, 0.0)  # the positives' z, without hardness
+            y_f = y.to(tl.float32)
+            pos_s += tl.sum(z_y, 1)
+            pos_n += tl.sum(y_f, 1)
+            # ẑ: negatives at (scale + hardness)·dot, one rounding that only a select consumes, so the backward
+            # recomputes it bit for bit (z + hardness·dot could be contracted into an FMA one way here and
+            # another way there); hardness 0 gives z exactly.
+            z = tl.where(y, z, dots * scale_h)
+            # Row statistics over in_row.  A tile (or a whole row) may hold no entry of the set: its max is
+            # -inf, and 0 stands in as the subtrahend so that no -inf - (-inf) reaches exp2 (the sum stays 0).
+            z_r = tl.where(_under_margin(keep, y, dots, thr_r[:, None], HAS_MARGIN), z, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z_r, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2((m_i - m_sub) * _LOG2E) + tl.sum(tl.exp2((z_r - m_sub[:, None]) * _LOG2E), 1)
+            m_i = m_new
+            if NEED_COLS:
+                thr_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+                if HAS_MARGIN:
+                    thr_c = tl.load(thr_c_ptr + offs_n, mask=col_ok, other=0.0)
+                z_c = tl.where(_under_margin(keep, y, dots, thr_c[None, :], HAS_MARGIN), z, float("-inf"))
+                c_max = tl.max(z_c, 0)  # [BLOCK_N]; -inf where this row block holds none of the column's set
+                c_sub = tl.where(c_max == float("-inf"), 0.0, c_max)
+                c_sum = tl.sum(tl.exp2((z_c - c_sub[None, :]) * _LOG2E), 0)
+                tl.store(pmax_c_ptr + pid_m * M + offs_n, c_max, mask=col_ok)
+                tl.store(psum_c_ptr + pid_m * M + offs_n, c_sum, mask=col_ok)
+                tl.store(ppos_c_ptr + pid_m * M + offs_n, tl.sum(z_y, 0), mask=col_ok)
+                tl.store(pcnt_c_ptr + pid_m * M + offs_n, tl.sum(y_f, 0), mask=col_ok)
+        else:
+            # Row statistics: invalid columns are -inf.  Every tile has >= 1 valid column, so the new max is
+            # finite and exp2((m_i - m_new)·log2 e) never sees -inf - (-inf) (first tile: exp2(-inf) = 0).
+            z_r = tl.where(col_ok[None, :], z, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z_r, 1))
+            l_i = l_i * tl.exp2((m_i - m_new) * _LOG2E) + tl.sum(tl.exp2((z_r - m_new[:, None]) * _LOG2E), 1)
+            m_i = m_new
+            # The positive logit from the same z (its column is valid, so z_r holds the same value there): one
+            # tile holds it, every other term is +0.0, so the sums are exact and z_pos equals that entry.
+            z_pos += tl.sum(tl.where(offs_n[None, :] == label[:, None], z, 0.0), 1)
+            if NEED_COLS:
+                # Column statistics of this row block: invalid rows are -inf; every tile has >= 1 valid row.
+                z_c = tl.where(row_ok[:, None], z, float("-inf"))
+                c_max = tl.max(z_c, 0)  # [BLOCK_N]
+                c_sum = tl.sum(tl.exp2((z_c - c_max[None, :]) * _LOG2E), 0)
+                tl.store(pmax_c_ptr + pid_m * M + offs_n, c_max, mask=col_ok)
+                tl.store(psum_c_ptr + pid_m * M + offs_n, c_sum, mask=col_ok)
     tl.store(pmax_r_ptr + pid_s * N + offs_m, m_i, mask=row_ok)
     tl.store(psum_r_ptr + pid_s * N + offs_m, l_i, mask=row_ok)
-    # Exactly one program per row has the label in its column range [n_lo, n_hi): no race.
-    tl.store(zpos_ptr + offs_m, z_pos, mask=row_ok & (label >= n_lo) & (label < n_hi))
+    if STRUCTURED:
+        tl.store(ppos_r_ptr + pid_s * N + offs_m, pos_s, mask=row_ok)
+        tl.store(pcnt_r_ptr + pid_s * N + offs_m, pos_n, mask=row_ok)
+    else:
+        # Exactly one program per row has the label in its column range [n_lo, n_hi): no race.
+        tl.store(zpos_ptr + offs_m, z_pos, mask=row_ok & (label >= n_lo) & (label < n_hi))
+
+
+@triton.jit
+def _positive_max_kernel(
+    q_ptr, k_ptr,  # [N, D], [M, D] fp32/fp16/bf16, unit stride along D
+    qg_ptr, kg_ptr,  # [N], [M] int64 group ids
+    pmax_r_ptr,  # [split, N] fp32 out: max over each split's columns of the positive pairs' dots, -inf if none
+    pmax_c_ptr,  # [cdiv(N, BLOCK_M), M] fp32 out: the same per column, per row block (NEED_COLS)
+    self_offset,  # int: the self pair is i - j == self_offset (EXCLUDE_SELF)
+    N, M, D, stride_qn, stride_kn,
+    cols_per_split,  # columns per split, a multiple of BLOCK_N
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr, NEED_COLS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+):
+    # grid: (cdiv(N, BLOCK_M), split), the tiles and dots of _lse_kernel (same BLOCK_D chunks), so that the
+    # margin's reference is one of the very dots that _lse_kernel and _grad_kernel compare with it.
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
+    row_ok = offs_m < N
+    qg = tl.load(qg_ptr + offs_m, mask=row_ok, other=0)
+    if SINGLE_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        q_blk = tl.load(q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :],
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    n_lo = pid_s * cols_per_split
+    n_hi = tl.minimum(n_lo + cols_per_split, M)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
+        col_ok = offs_n < M
+        if SINGLE_D:
+            k_blk = tl.load(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :],
+                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+            dots = tl.dot(q_blk, tl.trans(k_blk), input_precision=INPUT_PRECISION)
+        else:
+            dots = dot_tile(q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_qn, stride_kn,
+                            BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        cg = tl.load(kg_ptr + offs_n, mask=col_ok, other=0)
+        y, _keep = _targets(offs_m, offs_n, row_ok, col_ok, qg, cg, self_offset, EXCLUDE_SELF, False)
+        raw = tl.where(y, dots, float("-inf"))  # max only: no exponential, so -inf needs no care
+        best = tl.maximum(best, tl.max(raw, 1))
+        if NEED_COLS:
+            tl.store(pmax_c_ptr + pid_m * M + offs_n, tl.max(raw, 0), mask=col_ok)
+    tl.store(pmax_r_ptr + pid_s * N + offs_m, best, mask=row_ok)
 
 
 @triton.jit
@@ -168,6 +322,12 @@ def _grad_kernel(
     st_c_ptr,  # [3, M] fp32: the same per column, with the column-softmax weight w_j (COL_TERM)
     dq_ptr,  # [N, D] fp32 in/out (contiguous, zero-initialised): += P k
     dk_ptr,  # [M, D] fp32 in/out (contiguous, zero-initialised): += Pᵀ q with atomics (COMPUTE_DK)
+    # -- structured targets (STRUCTURED): P becomes G of engine.py, on ẑ, masked, less the positives' weights --
+    rg_ptr, cg_ptr,  # [N], [M] int64 group ids of the rows and of the columns
+    thr_r_ptr, thr_c_ptr,  # [N], [M] fp32 margin thresholds ref + margin (HAS_MARGIN; with ROW_TERM / COL_TERM)
+    pr_ptr, pc_ptr,  # [N], [M] fp32 positive weights: G_ij -= Y_ij·(pr_i + pc_j)
+    self_offset,  # int: the self pair is i - j == self_offset (EXCLUDE_SELF)
+    hardness,  # float: negatives' logits are (scale + hardness)·dot
     N, M, D, stride_qn, stride_kn,
     cols_per_split,  # columns per split, a multiple of BLOCK_N
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -177,6 +337,8 @@ def _grad_kernel(
     COMPUTE_DK: tl.constexpr,  # also atomically accumulate dk (the default, one-sweep backward)
     DQ_ATOMIC: tl.constexpr,  # several programs (column splits) share these dq rows
     INPUT_PRECISION: tl.constexpr,
+    STRUCTURED: tl.constexpr = False,  # the target rule of engine.py
+    EXCLUDE_SELF: tl.constexpr = False, DECOUPLED: tl.constexpr = False, HAS_MARGIN: tl.constexpr = False,
 ):
     # grid: (cdiv(N, BLOCK_M), split).  P_ij = sign_i·exp2((z_ij - m_i)·log2 e - shift_i·log2 e) + (same per
     # column j), with z = dot·scale in natural units as in _lse_kernel: the max is subtracted first, so the
@@ -194,6 +356,13 @@ def _grad_kernel(
         max_r = tl.load(st_r_ptr + offs_m, mask=row_ok, other=0.0)
         shift2_r = tl.load(st_r_ptr + N + offs_m, mask=row_ok, other=0.0) * _LOG2E  # +inf where a_i = 0
         sign_r = tl.load(st_r_ptr + N + N + offs_m, mask=row_ok, other=0.0)
+    if STRUCTURED:
+        scale_h = scale + hardness  # the negatives' scale, as in _lse_kernel
+        rg = tl.load(rg_ptr + offs_m, mask=row_ok, other=0)
+        pos_r = tl.load(pr_ptr + offs_m, mask=row_ok, other=0.0)
+        thr_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_MARGIN and ROW_TERM:
+            thr_r = tl.load(thr_r_ptr + offs_m, mask=row_ok, other=0.0)
     if SINGLE_D:
         d_ok = offs_d < D
         q_blk = tl.load(q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :],
@@ -215,14 +384,33 @@ def _grad_kernel(
         # exp(0) (and overflow for a far-away max): make them -inf so that both exponentials give exactly 0
         # there (else inf·0 = NaN in the dots below).  A zero weight has shift +inf: exp2(-inf)·0 = 0.
         z = tl.where(row_ok[:, None] & col_ok[None, :], dots * scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        if STRUCTURED:
+            cg = tl.load(cg_ptr + offs_n, mask=col_ok, other=0)
+            y, keep = _targets(offs_m, offs_n, row_ok, col_ok, rg, cg, self_offset, EXCLUDE_SELF, DECOUPLED)
+            # ẑ as in _lse_kernel, bit for bit (same dots); out of range stays -inf
+            z = tl.where(y, z, tl.where(row_ok[:, None] & col_ok[None, :], dots * scale_h, float("-inf")))
         p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ROW_TERM:
-            p += sign_r[:, None] * tl.exp2((z - max_r[:, None]) * _LOG2E - shift2_r[:, None])
+            p_r = sign_r[:, None] * tl.exp2((z - max_r[:, None]) * _LOG2E - shift2_r[:, None])
+            if STRUCTURED:
+                # Outside in_row the exponential may be anything (inf above a margin-dropped max, inf·0):
+                # select 0 there rather than multiply by a mask.
+                p_r = tl.where(_under_margin(keep, y, dots, thr_r[:, None], HAS_MARGIN), p_r, 0.0)
+            p += p_r
         if COL_TERM:
             max_c = tl.load(st_c_ptr + offs_n, mask=col_ok, other=0.0)
             shift2_c = tl.load(st_c_ptr + M + offs_n, mask=col_ok, other=0.0) * _LOG2E
             sign_c = tl.load(st_c_ptr + M + M + offs_n, mask=col_ok, other=0.0)
-            p += sign_c[None, :] * tl.exp2((z - max_c[None, :]) * _LOG2E - shift2_c[None, :])
+            p_c = sign_c[None, :] * tl.exp2((z - max_c[None, :]) * _LOG2E - shift2_c[None, :])
+            if STRUCTURED:
+                thr_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+                if HAS_MARGIN:
+                    thr_c = tl.load(thr_c_ptr + offs_n, mask=col_ok, other=0.0)
+                p_c = tl.where(_under_margin(keep, y, dots, thr_c[None, :], HAS_MARGIN), p_c, 0.0)
+            p += p_c
+        if STRUCTURED:
+            pos_c = tl.load(pc_ptr + offs_n, mask=col_ok, other=0.0)
+            p -= tl.where(y, pos_r[:, None] + pos_c[None, :], 0.0)
         p_in = p.to(q_ptr.dtype.element_ty)  # half inputs: half P for tensor-core dots (fp32 stays fp32)
         if SINGLE_D:
             dq_acc += tl.dot(p_in, k_blk, input_precision=INPUT_PRECISION)
@@ -285,6 +473,91 @@ def _merge(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
     return torch.stack((mx, torch.log(total)))
 
 
+class _Targets(NamedTuple):
+    """The target rule's arguments of one kernel launch (``engine.py``), seen from the launch's rows."""
+
+    rg: torch.Tensor  # [rows] int64 group ids
+    cg: torch.Tensor  # [cols] int64 group ids
+    self_offset: int | None  # the self pair is i - j == self_offset; None: no self pair
+    decoupled: bool
+    hardness: float
+    thr_r: torch.Tensor | None  # [rows] fp32 margin thresholds ref + margin, None without margin (or not needed)
+    thr_c: torch.Tensor | None  # [cols] the same per column
+
+    @property
+    def has_margin(self) -> bool:
+        return self.thr_r is not None or self.thr_c is not None
+
+    def swapped(self) -> _Targets:
+        """The same rule with the roles of rows and columns exchanged (the dk launch of deterministic mode):
+        ``i - j == off`` becomes ``j - i == -off``; the groups and thresholds trade places."""
+        off = None if self.self_offset is None else -self.self_offset
+        return _Targets(self.cg, self.rg, off, self.decoupled, self.hardness, self.thr_c, self.thr_r)
+
+    def kernel_args(self, dummy: torch.Tensor) -> tuple:
+        """``rg, cg, thr_r, thr_c`` for the kernels (``dummy`` for an absent threshold, never read)."""
+        return (self.rg, self.cg, dummy if self.thr_r is None else self.thr_r,
+                dummy if self.thr_c is None else self.thr_c)
+
+    def flags(self) -> dict:
+        return {"STRUCTURED": True, "EXCLUDE_SELF": self.self_offset is not None, "DECOUPLED": self.decoupled,
+                "HAS_MARGIN": self.has_margin}
+
+
+def _make_targets(device, qg, kg, self_offset, decoupled, hardness, margin, ref_r, ref_c,
+                  need_cols: bool) -> _Targets:
+    """``_Targets`` of the (q, k) launches: int64 groups on ``device``, thresholds ``ref + margin`` in fp32.
+
+    The thresholds are formed once here, so that every sweep compares the dots with the same fp32 numbers;
+    the column threshold only with ``need_cols`` (the column terms).
+    """
+    def groups(g):
+        return g.to(device=device, dtype=torch.int64).contiguous()
+
+    def threshold(ref, name):
+        if ref is None:
+            raise ValueError(f"false_negative_margin needs {name} (from positive_max) in the masked sweeps")
+        return (ref.to(device=device, dtype=torch.float32) + float(margin)).contiguous()
+
+    thr_r = None if margin is None else threshold(ref_r, "ref_r")
+    thr_c = None if margin is None or not need_cols else threshold(ref_c, "ref_c")
+    off = None if self_offset is None else int(self_offset)
+    return _Targets(groups(qg), groups(kg), off, bool(decoupled), float(hardness), thr_r, thr_c)
+
+
+def _launch_lse(q, k, scale, need_cols: bool, labels, z_pos, targets: _Targets | None):
+    """One ``_lse_kernel`` sweep.  Returns its partials ``part_r [P, split, N]`` and ``part_c [P, row blocks, M]``
+    (None without ``need_cols``): ``P = 2`` (max, Σ exp(z - max)), or with ``targets`` ``P = 4`` (…, Σ Y z, Σ Y).
+
+    Plain (``targets`` None): ``labels`` and ``z_pos`` as in ``lse``; with ``targets`` both are None.
+    """
+    n, d = q.shape
+    m = k.shape[0]
+    block_m, block_n, chunk, num_warps, num_stages = FWD_CONFIG
+    block_d, single_d = _common.block_d(d, chunk, SINGLE_D_MAX)
+    row_blocks, col_blocks = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
+    split, cols_per_split = _split(row_blocks, col_blocks, block_n, q.device)
+    planes = 2 if targets is None else 4
+    part_r = torch.empty(planes, split, n, dtype=torch.float32, device=q.device)
+    part_c = torch.empty(planes, row_blocks, m, dtype=torch.float32, device=q.device) if need_cols else part_r
+    dummy = part_r[0]  # for the pointers a constexpr flag leaves unread
+    if targets is None:
+        structured = (labels, labels, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0.0)
+        flags = {}
+    else:
+        labels, z_pos = targets.rg, dummy
+        structured = (*targets.kernel_args(dummy), part_r[2], part_r[3], part_c[2], part_c[3],
+                      targets.self_offset or 0, targets.hardness)
+        flags = targets.flags()
+    _lse_kernel[(row_blocks, split)](
+        q, k, _scale_arg(scale, q.device), part_r[0], part_r[1], part_c[0], part_c[1], labels, z_pos,
+        *structured, n, m, d, q.stride(0), k.stride(0), cols_per_split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d, NEED_COLS=need_cols,
+        INPUT_PRECISION=_common.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
+    )
+    return part_r, (part_c if need_cols else None)
+
+
 def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, labels: torch.Tensor,
         keep_logits: bool = False):
     """Split log-sum-exp statistics of ``z = scale · q kᵀ`` over rows and (optionally) columns, and the
@@ -304,22 +577,9 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
         the positive is the max.  A label outside ``[0, M)`` (not checked here) leaves NaN.
     """
     q, k = _common.unit_stride_rows("info_nce", q, k)
-    n, d = q.shape
-    m = k.shape[0]
-    block_m, block_n, chunk, num_warps, num_stages = FWD_CONFIG
-    block_d, single_d = _common.block_d(d, chunk, SINGLE_D_MAX)
-    row_blocks, col_blocks = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
-    split, cols_per_split = _split(row_blocks, col_blocks, block_n, q.device)
-    part_r = torch.empty(2, split, n, dtype=torch.float32, device=q.device)  # [max, Σ exp(z - max)]
-    part_c = torch.empty(2, row_blocks, m, dtype=torch.float32, device=q.device) if need_cols else part_r
     labels = labels.to(device=q.device, dtype=torch.int64).contiguous()
-    z_pos = torch.full((n,), float("nan"), dtype=torch.float32, device=q.device)  # every entry written once
-    _lse_kernel[(row_blocks, split)](
-        q, k, _scale_arg(scale, q.device), part_r[0], part_r[1], part_c[0], part_c[1], labels, z_pos,
-        n, m, d, q.stride(0), k.stride(0), cols_per_split,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d, NEED_COLS=need_cols,
-        INPUT_PRECISION=_common.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-    )
+    z_pos = torch.full((q.shape[0],), float("nan"), dtype=torch.float32, device=q.device)  # every entry written once
+    part_r, part_c = _launch_lse(q, k, scale, need_cols, labels, z_pos, None)
     row = _merge(part_r[0], part_r[1])
     col = _merge(part_c[0], part_c[1]) if need_cols else None
     return row, col, z_pos, None  # the kernels never keep the logits (keep_logits is False): backward recomputes
@@ -334,11 +594,19 @@ def _kernel_stats(stats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.stack((stats[0], stats[1] - torch.log(weight.abs()), torch.sign(weight)))
 
 
-def _launch_grad(rows, cols, scale, st_rows, st_cols, d_rows, d_cols, atomic: bool):
+def _pow2_norm(*weights: torch.Tensor | None) -> torch.Tensor:
+    """The exact power of two ``c`` with ``max |weight| / c`` in (1/2, 1] over all ``weights`` (1 if all are 0)."""
+    c = torch.stack([x.abs().amax() for x in weights if x is not None]).amax()
+    return torch.where((c > 0) & torch.isfinite(c), torch.exp2(torch.ceil(torch.log2(c))), torch.ones_like(c))
+
+
+def _launch_grad(rows, cols, scale, st_rows, st_cols, d_rows, d_cols, atomic: bool,
+                 targets: _Targets | None = None, pos_rows=None, pos_cols=None):
     """One ``_grad_kernel`` sweep over row blocks of ``rows``: ``d_rows += P cols`` (and ``d_cols += Pᵀ rows``).
 
     ``st_rows``/``st_cols``: ``[3, L]`` from ``_kernel_stats``, None drops that part of P; ``d_cols`` is used
-    only when ``atomic``.
+    only when ``atomic``.  With ``targets`` P is ``G`` of the target rule, ``pos_rows [rows]`` and
+    ``pos_cols [cols]`` (fp32) the positive weights of its ``- Y_ij·(pos_i + pos_j)`` part.
     """
     n, d = rows.shape
     m = cols.shape[0]
@@ -348,14 +616,20 @@ def _launch_grad(rows, cols, scale, st_rows, st_cols, d_rows, d_cols, atomic: bo
     split, cols_per_split = _split(row_blocks, col_blocks, block_n, rows.device, allow=atomic)
     row_term, col_term = st_rows is not None, st_cols is not None
     dummy = d_rows  # never read: its constexpr flag is off
+    if targets is None:
+        structured = (dummy, dummy, dummy, dummy, dummy, dummy, 0, 0.0)
+        flags = {}
+    else:
+        structured = (*targets.kernel_args(dummy), pos_rows, pos_cols, targets.self_offset or 0, targets.hardness)
+        flags = targets.flags()
     _grad_kernel[(row_blocks, split)](
         rows, cols, scale,
         st_rows if row_term else dummy, st_cols if col_term else dummy,
-        d_rows, d_cols if atomic else dummy,
+        d_rows, d_cols if atomic else dummy, *structured,
         n, m, d, rows.stride(0), cols.stride(0), cols_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d,
         ROW_TERM=row_term, COL_TERM=col_term, COMPUTE_DK=atomic, DQ_ATOMIC=split > 1,
-        INPUT_PRECISION=_common.input_precision(rows.dtype), num_warps=num_warps, num_stages=num_stages,
+        INPUT_PRECISION=_common.input_precision(rows.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
     )
 
 
@@ -382,8 +656,7 @@ def grad(q, k, scale, row, col, a, w, logits=None):
     # Half inputs: P's entries are then probability-sized and do not underflow fp16 (a_i ~ 1/N would).  All
     # dtypes: log|weight| in the shift is then near 0 for the largest weights (uniform a_i = 1/N gives
     # log|a_i/c| = 0), so its rounding does not add log(N)·eps to the exponent where P ≈ 1.
-    c = a.abs().amax() if not cols else torch.maximum(a.abs().amax(), w.abs().amax())
-    c = torch.where((c > 0) & torch.isfinite(c), torch.exp2(torch.ceil(torch.log2(c))), torch.ones_like(c))
+    c = _pow2_norm(a, w)
     st_r = _kernel_stats(row, a / c)
     st_c = _kernel_stats(col, w / c) if cols else None
     s = _scale_arg(scale, dev)
@@ -404,3 +677,97 @@ def grad(q, k, scale, row, col, a, w, logits=None):
 def keeps_logits(n: int, m: int, itemsize: int) -> bool:
     """Never: the kernels recompute the logit tiles in backward (``InfoNCEEngine`` protocol)."""
     return False
+
+
+# ------------------------------------------------------------------------------------- structured targets
+
+def positive_max(q, k, qg, kg, self_offset, need_cols):
+    """The margin's reference: ``ref_r [N] = max_{j: Y_ij} <q_i, k_j>`` and ``ref_c [M]`` the same per column
+    (None unless ``need_cols``), fp32, -inf where there is no positive (``InfoNCEEngine`` protocol).
+
+    One sweep of ``_positive_max_kernel`` over the tiles and dots of ``masked_lse`` (same D chunks), so the
+    reference is bit for bit one of the dots the margin later compares with it.
+    """
+    q, k = _common.unit_stride_rows("info_nce", q, k)
+    t = _make_targets(q.device, qg, kg, self_offset, False, 0.0, None, None, None, need_cols)
+    n, d = q.shape
+    m = k.shape[0]
+    block_m, block_n, chunk, num_warps, num_stages = FWD_CONFIG
+    block_d, single_d = _common.block_d(d, chunk, SINGLE_D_MAX)
+    row_blocks, col_blocks = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
+    split, cols_per_split = _split(row_blocks, col_blocks, block_n, q.device)
+    part_r = torch.empty(split, n, dtype=torch.float32, device=q.device)
+    part_c = torch.empty(row_blocks, m, dtype=torch.float32, device=q.device) if need_cols else part_r
+    _positive_max_kernel[(row_blocks, split)](
+        q, k, t.rg, t.cg, part_r, part_c, t.self_offset or 0, n, m, d, q.stride(0), k.stride(0), cols_per_split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single_d, NEED_COLS=need_cols,
+        INPUT_PRECISION=_common.input_precision(q.dtype), EXCLUDE_SELF=t.self_offset is not None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return part_r.amax(0), (part_c.amax(0) if need_cols else None)
+
+
+def masked_lse(q, k, scale, qg, kg, self_offset, decoupled, hardness, margin, ref_r, ref_c, need_cols):
+    """Statistics sweep under the target rule (``InfoNCEEngine.masked_lse``), one ``_lse_kernel`` launch.
+
+    Returns ``row [2, N]`` (split LSE of ẑ over ``in_row``; ``(-inf, -inf)`` for an empty set), ``col [2, M]``
+    (or None), ``pos_r [2, N]`` = (Σ_j Y_ij z_ij, Σ_j Y_ij) and ``pos_c [2, M]`` (or None), all fp32.  The
+    partial sums of the column splits / row blocks are added in a fixed order: deterministic.
+    """
+    q, k = _common.unit_stride_rows("info_nce", q, k)
+    t = _make_targets(q.device, qg, kg, self_offset, decoupled, hardness, margin, ref_r, ref_c, need_cols)
+    part_r, part_c = _launch_lse(q, k, scale, need_cols, None, None, t)
+    row = _merge(part_r[0], part_r[1])
+    pos_r = part_r[2:].sum(1)
+    if not need_cols:
+        return row, None, pos_r, None
+    return row, _merge(part_c[0], part_c[1]), pos_r, part_c[2:].sum(1)
+
+
+def _masked_kernel_stats(stats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``_kernel_stats``, with the statistics of an empty set (max -inf) made inert: max 0, shift +inf, sign 0.
+
+    Such a row has no entry in its set, so the kernel selects 0 for all of it anyway; this keeps the shift
+    (``-inf - log|a|``, or NaN for a zero weight) out of the exponent altogether.
+    """
+    inert = torch.tensor([0.0, float("inf"), 0.0], dtype=torch.float32, device=stats.device)[:, None]
+    return torch.where(stats[0] == float("-inf"), inert, _kernel_stats(stats, weight))
+
+
+def masked_grad(q, k, scale, qg, kg, self_offset, decoupled, hardness, margin, ref_r, ref_c, row, col, a, w,
+                pa, pw):
+    """Gradient sweep under the target rule (``InfoNCEEngine.masked_grad``): ``dq_u = G k``, ``dk_u = Gᵀ q``,
+    fp32, for ``G_ij = in_row·a_i·exp(ẑ_ij - row_i) + in_col·w_j·exp(ẑ_ij - col_j) - Y_ij·(pa_i + pw_j)``.
+
+    One recomputing ``_grad_kernel`` sweep (dk by atomics), or in deterministic mode two atomic-free ones, the
+    second with the roles of q and k swapped (``_Targets.swapped``).  ``pw`` is used with ``col`` only (the
+    column part); all weights are divided by one power of two, undone on the outputs, as in ``grad``.
+    """
+    q, k = _common.unit_stride_rows("info_nce", q, k)
+    dev = q.device
+    cols = col is not None
+    f32 = {"dtype": torch.float32, "device": dev}
+    n, d = q.shape
+    m = k.shape[0]
+    row, a, pa = row.to(**f32), a.to(**f32), pa.to(**f32)
+    if cols:
+        col, w = col.to(**f32), w.to(**f32)
+        pw = torch.zeros(m, **f32) if pw is None else pw.to(**f32)
+    else:
+        pw = torch.zeros(m, **f32)
+    c = _pow2_norm(a, pa, w if cols else None, pw)
+    st_r = _masked_kernel_stats(row, a / c)
+    st_c = _masked_kernel_stats(col, w / c) if cols else None
+    pa, pw = (pa / c).contiguous(), (pw / c).contiguous()
+    t = _make_targets(dev, qg, kg, self_offset, decoupled, hardness, margin, ref_r, ref_c, cols)
+    s = _scale_arg(scale, dev)
+    dq = torch.zeros(n, d, **f32)
+    dk = torch.zeros(m, d, **f32)
+    if _common.deterministic():
+        _launch_grad(q, k, s, st_r, st_c, dq, None, False, t, pa, pw)
+        _launch_grad(k, q, s, st_c, st_r, dk, None, False, t.swapped(), pw, pa)  # Gᵀ: roles swapped
+    else:
+        _launch_grad(q, k, s, st_r, st_c, dq, dk, True, t, pa, pw)
+    dq.mul_(c)
+    dk.mul_(c)
+    return dq, dk
