@@ -217,6 +217,17 @@ def _check_triton(world):
         _close(loss.double(), ref.detach(), f"{what}: loss", rtol=1e-5, atol=1e-6)
         _close(ql.grad.double(), qr.grad[qs], f"{what}: grad query", rtol=1e-4, atol=1e-6)
         _close(kl.grad.double(), kr.grad[ks], f"{what}: grad key", rtol=1e-4, atol=1e-6)
+        # structured targets (issue 11): group ids, margin and hardness through the masked kernels
+        gen = torch.Generator().manual_seed(301)
+        qg, kg = torch.randint(0, 3, (q.shape[0],), generator=gen), torch.randint(0, 3, (k.shape[0],), generator=gen)
+        opts = {"false_negative_margin": 0.1, "hardness": 0.5, "logit_scale": 3.0}
+        qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+        reference.info_nce(qr, kr, query_groups=qg, key_groups=kg, **opts).backward()
+        ql, kl = q[qs].float().requires_grad_(), k[ks].float().requires_grad_()
+        xloss.info_nce(ql, kl, query_groups=qg[qs], key_groups=kg[ks], backend="triton", group=dist.group.WORLD,
+                       exchange=exchange, grad_reduction="sum", **opts).backward()
+        _close(ql.grad.double(), qr.grad[qs], f"{what} targets: grad query", rtol=1e-4, atol=1e-6)
+        _close(kl.grad.double(), kr.grad[ks], f"{what} targets: grad key", rtol=1e-4, atol=1e-6)
         for reduction in ("mean", "none"):
             qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
             ref = _sigmoid_reference(qr, kr, logit_scale=3.0, logit_bias=-2.0, labels=labels, reduction=reduction)

@@ -111,20 +111,22 @@ def check_positives(labels, n: int, m: int, device: torch.device, rows: str, col
     check_labels(labels, n, m, device)
 
 
-def resolve_scale(logit_scale, temperature, device: torch.device) -> torch.Tensor:
+def resolve_scale(logit_scale, temperature, device: torch.device, prefix: str = "") -> torch.Tensor:
     """Return the multiplicative logit scale s as a 0-dim tensor on `device`.
 
     ``temperature=τ`` means ``s = 1/τ`` (and its gradient flows back to τ when it is a tensor); neither given
-    means ``s = 1``.
+    means ``s = 1``.  ``prefix`` names the arguments in errors (``"teacher_"``: ``teacher_logit_scale``...).
     """
+    scale_name, temp_name = f"{prefix}logit_scale", f"{prefix}temperature"
     if logit_scale is not None and temperature is not None:
-        raise ValueError("give either logit_scale or temperature, not both (temperature=t means logit_scale=1/t)")
+        raise ValueError(f"give either {scale_name} or {temp_name}, not both ({temp_name}=t means "
+                         f"{scale_name}=1/t)")
     if temperature is not None:
-        t = _scalar("temperature", temperature, device)
-        _value_check(t > 0, f"temperature must be positive, got {_shown(temperature, t)}")
+        t = _scalar(temp_name, temperature, device)
+        _value_check(t > 0, f"{temp_name} must be positive, got {_shown(temperature, t)}")
         return 1.0 / t
     if logit_scale is not None:
-        return _scalar("logit_scale", logit_scale, device)
+        return _scalar(scale_name, logit_scale, device)
     return torch.ones((), dtype=torch.float64, device=device)
 
 
