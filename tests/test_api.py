@@ -23,8 +23,10 @@ FAMILIES = {  # package → the public losses it defines
     "gram": ["gram_loss", "gram_volume"],
     "symile": ["symile_loss"],
     "banzhaf": ["banzhaf_interaction"],
+    "soft_targets": ["distill_loss", "cwcl_loss"],
 }
-SCALED_LOSSES = ["info_nce", "sigmoid_loss", "late_interaction_loss", "gram_loss", "symile_loss"]
+SCALED_LOSSES = ["info_nce", "sigmoid_loss", "late_interaction_loss", "gram_loss", "symile_loss", "distill_loss",
+                 "cwcl_loss"]
 
 
 def _modules():
@@ -118,7 +120,7 @@ def test_dispatch_table_covers_every_family_with_a_chunked_engine():
         engines = [r.engine for r in _dispatch.routes(family)]
         assert "chunked" in engines, family
         assert engines.index("chunked") == len(engines) - 1, f"{family}: chunked must be the last fallback"
-    assert set(_dispatch.FAMILIES) == {"info_nce", "sigmoid", "late_interaction", "gram", "symile", "banzhaf"}
+    assert set(_dispatch.FAMILIES) == {"info_nce", "distill", "sigmoid", "late_interaction", "gram", "symile", "banzhaf"}
 
 
 def test_dispatch_modules_exist_and_aliases_resolve(monkeypatch):
@@ -185,7 +187,7 @@ def test_gram_loss_takes_labels():
     assert "labels" in inspect.signature(xloss.gram_loss).parameters
 
 
-@pytest.mark.parametrize("name", ["info_nce", "sigmoid_loss"])
+@pytest.mark.parametrize("name", ["info_nce", "sigmoid_loss", "distill_loss", "cwcl_loss"])
 def test_multi_rank_options_are_keyword_only(name):
     params = {p.name: p for p in _params(getattr(xloss, name))}
     for arg in ("group", "exchange", "grad_reduction"):

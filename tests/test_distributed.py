@@ -197,6 +197,50 @@ def _check_info_nce_targets(world):
                 _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
 
 
+def _check_soft_targets(world):
+    """Distillation and CWCL (issue 12) across ranks: the teacher's keys travel with the student's; CWCL's global
+    sums; paired batches (n_r = m_r) where the loss needs them."""
+    group = dist.group.WORLD
+    seed = 900
+    for exchange in ("ring", "all_gather"):
+        for split in ("even", "uneven"):
+            for kind, symmetric, reduction in (("distill", True, "mean"), ("distill", False, "sum"),
+                                               ("distill", True, "none"), ("cwcl", False, "mean"),
+                                               ("cwcl", True, "none"), ("cwcl", True, "sum")):
+                if split == "uneven" and (kind == "cwcl" or reduction == "none"):
+                    continue  # a paired batch needs n_r = m_r
+                seed += 1
+                how = {} if seed % 2 else {"grad_reduction": "sum"}
+                f = world if seed % 2 else 1
+                what = f"{kind} {exchange} {split} {symmetric} {reduction} {how}"
+                q, k, _, _, grad, qs, ks = _batch(world, split, seed)
+                gen = torch.Generator().manual_seed(seed)
+                tq = torch.randn(q.shape[0], D + 2, dtype=F64, generator=gen)
+                tk = torch.randn(k.shape[0], D + 2, dtype=F64, generator=gen)
+                qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+                sr = torch.tensor(1.3, dtype=F64, requires_grad=True)
+                ql, kl = q[qs].clone().requires_grad_(), k[ks].clone().requires_grad_()
+                s = torch.tensor(1.3, dtype=F64, requires_grad=True)
+                opts = {"symmetric": symmetric, "reduction": reduction}
+                if kind == "distill":
+                    ref = reference.distill_loss(qr, kr, tq, tk, logit_scale=sr, teacher_logit_scale=2.0, **opts)
+                    loss = xloss.distill_loss(ql, kl, tq[qs], tk[ks], logit_scale=s, teacher_logit_scale=2.0,
+                                              group=group, exchange=exchange, **opts, **how)
+                else:
+                    u, v = torch.nn.functional.normalize(tq, dim=1), torch.nn.functional.normalize(tk, dim=1)
+                    ref = reference.cwcl_loss(qr, kr, logit_scale=sr, query_targets=u,
+                                              key_targets=v if symmetric else None, **opts)
+                    loss = xloss.cwcl_loss(ql, kl, logit_scale=s, query_targets=u[qs],
+                                           key_targets=v[ks] if symmetric else None, group=group,
+                                           exchange=exchange, **opts, **how)
+                g = _check_reduced(loss, ref, reduction, grad, qs)
+                (loss * g).sum().backward()
+                (ref * (grad if reduction == "none" else g)).sum().backward()
+                _close(ql.grad, f * qr.grad[qs], f"{what}: grad query")
+                _close(kl.grad, f * kr.grad[ks], f"{what}: grad key")
+                _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
+
+
 def _check_triton(world):
     """The Triton engines (the interpreter here) under both exchanges: fp32 inputs against fp64."""
     if importlib.util.find_spec("triton") is None:
@@ -512,7 +556,7 @@ def _worker(rank, world, path, out):
                             timeout=datetime.timedelta(seconds=120))
     results = {}
     checks = [_check_info_nce, _check_info_nce_targets, _check_sigmoid, _check_ddp, _check_one_rank_group,
-              _measure_memory]
+              _check_soft_targets, _measure_memory]
     if world == 2:
         checks[3:3] = [_check_bad_input, _check_triton, _check_compile]
     checks.insert(checks.index(_check_sigmoid) + 1, _check_sigmoid_groups)
@@ -559,6 +603,11 @@ def _assert_ok(out, world, check):
 @pytest.mark.parametrize("world", [2, 4])
 def test_info_nce_matches_single_process(worlds, world):
     _assert_ok(worlds, world, "_check_info_nce")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_soft_targets_match_single_process(worlds, world):
+    _assert_ok(worlds, world, "_check_soft_targets")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -277,6 +277,19 @@ def _run_both(oc_module, ours_module, x, y, scalars, grad_out):
     return per
 
 
+def _run_both_distill(oc_module, ours_module, x, y, tx, ty, log_scale, grad_out):
+    """``_run_both`` for DistillClipLoss: the two losses combined as ``contrastive + 2·distill``."""
+    per = []
+    for mod in (oc_module, ours_module):
+        xs, ys = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        p = torch.tensor(log_scale, dtype=torch.float64, requires_grad=True)
+        contrastive, distill = mod(xs, ys, p.exp(), tx, ty, torch.tensor(20.0, dtype=torch.float64))
+        loss = contrastive + 2 * distill
+        (loss * grad_out).backward()
+        per.append([t.tolist() for t in (loss.detach(), xs.grad, ys.grad, p.grad)])
+    return per
+
+
 def _dist_worker(rank, world, path, out):
     import json
 
@@ -295,6 +308,10 @@ def _dist_worker(rank, world, path, out):
                 opts = {"local_loss": local_loss, "gather_with_grad": gwg, "rank": rank, "world_size": world}
                 results[f"clip local_loss={local_loss} gather_with_grad={gwg}"] = _run_both(
                     oc.ClipLoss(**opts), xnn.ClipLoss(**opts), x, y, [math.log(12.0)], 0.9)
+                tx_all, ty_all = _features(n * world, d + 2, seed=321)
+                tx, ty = tx_all[rank * n:(rank + 1) * n], ty_all[rank * n:(rank + 1) * n]
+                results[f"distill local_loss={local_loss} gather_with_grad={gwg}"] = _run_both_distill(
+                    oc.DistillClipLoss(**opts), xnn.DistillClipLoss(**opts), x, y, tx, ty, math.log(12.0), 0.9)
         for impl in ("bidir", "gather"):
             opts = {"rank": rank, "world_size": world, "dist_impl": impl}
             results[f"siglip dist_impl={impl}"] = _run_both(
@@ -311,7 +328,8 @@ def _dist_worker(rank, world, path, out):
 
 def test_two_ranks_match_open_clip(tmp_path):
     """Every rank's value and every gradient (features, logit_scale, logit_bias) equal open_clip's on that
-    rank, for all four ClipLoss option combinations and for SigLipLoss (ring and all-gather exchange)."""
+    rank, for all four ClipLoss and DistillClipLoss option combinations and for SigLipLoss (ring and all-gather
+    exchange)."""
     import json
 
     import torch.multiprocessing as mp
@@ -325,7 +343,7 @@ def test_two_ranks_match_open_clip(tmp_path):
         with open(tmp_path / f"rank{rank}.json") as f:
             ranks.append(json.load(f))
         assert "error" not in ranks[rank], f"rank {rank}:\n{ranks[rank]['error']}"
-        assert len(ranks[rank]) == 6
+        assert len(ranks[rank]) == 10
     names = ["value", "image grad", "text grad", "logit_scale grad", "logit_bias grad"]
 
     def close(a, b, what):
@@ -336,7 +354,7 @@ def test_two_ranks_match_open_clip(tmp_path):
         for rank in range(world):
             theirs, ours = ranks[rank][case]
             for i, (name, a, b) in enumerate(zip(names, ours, theirs)):
-                if case == "clip local_loss=True gather_with_grad=True" and name == "logit_scale grad":
+                if case.endswith("local_loss=True gather_with_grad=True") and name == "logit_scale grad":
                     # xloss's share of ∂/∂s is rank r's query rows; open_clip's is rank r's rows AND columns.
                     # The shares differ per rank, their sum (what DDP averages) is the same.
                     a = sum(ranks[r][case][1][i] for r in range(world))

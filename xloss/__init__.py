@@ -30,6 +30,7 @@ from .gram import gram_loss, gram_volume
 from .infonce import info_nce
 from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
 from .sigmoid import sigmoid_loss
+from .soft_targets import cwcl_loss, distill_loss
 from .symile import symile_loss
 
 
@@ -47,6 +48,8 @@ __all__ = [
     "__version__",
     "available_backends",
     "banzhaf_interaction",
+    "cwcl_loss",
+    "distill_loss",
     "distributed",
     "gram_loss",
     "gram_volume",

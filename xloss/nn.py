@@ -36,6 +36,7 @@ from .late_interaction import DIRECTIONS as _LI_DIRECTIONS
 from .late_interaction import MASK_MODES as _LI_MASK_MODES
 from .late_interaction import TOKEN_REDUCTIONS as _LI_TOKEN_REDUCTIONS
 from .late_interaction import late_interaction_loss as _late_interaction_loss
+from .soft_targets import distill_loss as _distill_loss
 from .symile import SAMPLINGS as _SYMILE_SAMPLINGS
 from .symile import symile_loss as _symile_loss
 
@@ -260,6 +261,62 @@ class ClipLoss(nn.Module):
             scale = _AllReduceGrad.apply(scale, group)
         return _info_nce(image_features, text_features, logit_scale=scale, backend=self.backend, group=group,
                          grad_reduction="sum")
+
+
+class DistillClipLoss(ClipLoss):
+    """open_clip's ``DistillClipLoss`` (CLIP loss plus in-batch distillation from a teacher CLIP) on top of
+    :func:`xloss.info_nce` and :func:`xloss.distill_loss`: neither the student's nor the teacher's ``[N, N]``
+    logits are ever formed.
+
+    Constructor: as :class:`ClipLoss` (and open_clip).  ``forward(image_features, text_features, logit_scale,
+    dist_image_features, dist_text_features, dist_logit_scale, output_dict=False)`` returns open_clip's
+    ``(contrastive_loss, distill_loss)`` (or the dict).  The distillation term is ``½[softCE(t_I, z_I) +
+    softCE(t_T, z_T)]`` with the teacher's logits ``t = dist_logit_scale·I_T T_Tᵀ`` (the teacher's width may
+    differ); the teacher gets no gradient (its features and ``dist_logit_scale`` are frozen, as in distillation).
+
+    Distributed: the four ``local_loss`` / ``gather_with_grad`` modes reproduce open_clip's per-rank values and
+    gradients exactly as :class:`ClipLoss` documents (the teacher's features travel with the student's).
+    """
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale, output_dict: bool = False):
+        contrastive = ClipLoss.forward(self, image_features, text_features, logit_scale)
+        teacher = (dist_image_features.detach(), dist_text_features.detach(), _detached(dist_logit_scale))
+        if self.world_size == 1:
+            distill = _distill_loss(image_features, text_features, teacher[0], teacher[1], logit_scale=logit_scale,
+                                    teacher_logit_scale=teacher[2], backend=self.backend)
+        else:
+            distill = self._distributed_distill(image_features, text_features, logit_scale, *teacher)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+    def _distributed_distill(self, image_features, text_features, logit_scale, t_image, t_text, t_scale):
+        """The distillation term in each open_clip mode, as ``ClipLoss._distributed`` does the contrastive one."""
+        w = self.world_size
+        group = _world_group(self.rank, w)
+        common = {"teacher_logit_scale": t_scale, "backend": self.backend}
+        if self.local_loss and not self.gather_with_grad:  # local rows against detached global columns
+            all_i, all_t = _gather_no_grad(image_features, w, group), _gather_no_grad(text_features, w, group)
+            all_ti, all_tt = _gather_no_grad(t_image, w, group), _gather_no_grad(t_text, w, group)
+            one_way = {"logit_scale": logit_scale, "symmetric": False, **common}
+            return (_distill_loss(image_features, all_t, t_image, all_tt, **one_way)
+                    + _distill_loss(text_features, all_i, t_text, all_ti, **one_way)) / 2
+        if self.local_loss:  # and gather_with_grad: this rank's paired terms ½(row_i + col_i), see ClipLoss
+            return _distill_loss(image_features, text_features, t_image, t_text, logit_scale=logit_scale,
+                                 reduction="none", group=group, grad_reduction="sum", **common).mean()
+        if self.gather_with_grad:
+            image_features = _ScaleGrad.apply(image_features, float(w))
+            text_features = _ScaleGrad.apply(text_features, float(w))
+        scale = logit_scale
+        if isinstance(scale, torch.Tensor) and scale.requires_grad:
+            scale = _AllReduceGrad.apply(scale, group)
+        return _distill_loss(image_features, text_features, t_image, t_text, logit_scale=scale, group=group,
+                             grad_reduction="sum", **common)
+
+
+def _detached(x):
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 _SIGLIP_EXCHANGE = {"bidir": "ring", "shift": "ring", "reduce": "all_gather", "gather": "all_gather"}
@@ -591,4 +648,4 @@ class SymileLoss(_ScaledLoss):
                             generator=generator, reduction=self.reduction, backend=self.backend)
 
 
-__all__ = ["ClipLoss", "GramLoss", "InfoNCELoss", "LateInteractionLoss", "SigLipLoss", "SymileLoss"]
+__all__ = ["ClipLoss", "DistillClipLoss", "GramLoss", "InfoNCELoss", "LateInteractionLoss", "SigLipLoss", "SymileLoss"]

@@ -10,10 +10,13 @@ from .gram import gram_loss, gram_volume
 from .infonce import info_nce
 from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
 from .sigmoid import sigmoid_loss
+from .soft_targets import cwcl_loss, distill_loss
 from .symile import symile_loss
 
 __all__ = [
     "banzhaf_interaction",
+    "cwcl_loss",
+    "distill_loss",
     "gram_loss",
     "gram_volume",
     "info_nce",
