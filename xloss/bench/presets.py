@@ -77,6 +77,12 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "cpu": Preset(((16384, 16384, 512),), "float32", families=("info_nce_groups",)),
         "cuda": Preset(((65536, 65536, 768),), "bfloat16", families=("info_nce_groups",)),
     },
+    # Soft targets (issue 12): in-batch distillation, student D = 512 against a 768-wide teacher, and CWCL; CPU fp32
+    # N = M = 16384, GPU bf16 N = M = 65536.
+    "distill": {
+        "cpu": Preset(((16384, 16384, 512),), "float32", families=("distill", "cwcl")),
+        "cuda": Preset(((65536, 65536, 512),), "bfloat16", families=("distill", "cwcl")),
+    },
     "gpu": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", baselines=("naive", "inf_cl"), families=("info_nce",))},
     "quick": {
         "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),

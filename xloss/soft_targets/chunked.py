@@ -67,9 +67,9 @@ def lse(q, k, scale, tq, tk, tscale, need_cols: bool):
     return row, col, trow, (tcol if need_cols else None)
 
 
-def _softmax(x, stats):
-    """``exp((x − max) − logsum)`` with the max subtracted first."""
-    return torch.exp((x - stats[0]) - stats[1])
+def _softmax_(x, stats):
+    """``x ← exp((x − max) − logsum)`` in place, the max subtracted first."""
+    return x.sub_(stats[0]).sub_(stats[1]).exp_()
 
 
 def grad(q, k, scale, tq, tk, tscale, row, col, trow, tcol, a, w):
@@ -82,10 +82,12 @@ def grad(q, k, scale, tq, tk, tscale, row, col, trow, tcol, a, w):
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     for i0, i1, z, t in _strips(q, k, s, tq, tk, ts):
-        r, tr = row[:, i0:i1, None], trow[:, i0:i1, None]
-        g = (_softmax(z, r) - _softmax(t, tr)).mul_(a[i0:i1, None])
+        # Few passes and buffers over the rows × M strip: the row part in two fresh buffers, the column part in
+        # place in z and t (their last use).
+        g = _softmax_(z.clone(), row[:, i0:i1, None])
+        g.sub_(_softmax_(t.clone() if col is not None else t, trow[:, i0:i1, None])).mul_(a[i0:i1, None])
         if col is not None:
-            g += (_softmax(z, col) - _softmax(t, tcol)).mul_(w)
+            g.add_(_softmax_(z, col).sub_(_softmax_(t, tcol)).mul_(w))
         torch.mm(g, k, out=dq[i0:i1])
         dk.addmm_(g.T, q[i0:i1])
     return dq, dk

@@ -11,4 +11,5 @@ from . import symile  # noqa: F401  (symile, symile_forward)
 from . import gram  # noqa: F401
 from . import banzhaf  # noqa: F401
 from . import sigmoid  # noqa: F401
+from . import soft_targets  # noqa: F401  (distill, cwcl)
 # isort: on
