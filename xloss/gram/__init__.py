@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks, _dispatch
+from .._autograd import first_order_only
 from .._reduce import reduce_terms
 from .._tiling import accumulation_dtype, upcast
 from ..reference import gram as _reference
@@ -86,6 +87,7 @@ class GramFunction(torch.autograd.Function):
         return reduce_terms(terms, options.reduction)
 
     @staticmethod
+    @first_order_only("gram_volume / gram_loss")
     def backward(ctx, grad_out):
         options, needs = ctx.options, ctx.needs_input_grad
         need_a, need_x = needs[3], any(needs[4:])

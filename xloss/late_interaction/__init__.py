@@ -31,6 +31,7 @@ import torch
 from .. import _checks, _dispatch
 from .. import reference as _reference
 from .._api import renamed
+from .._autograd import first_order_only
 from .._reduce import reduce_terms
 from .._tiling import accumulation_dtype
 from ..reference.late_interaction import cross_entropy_terms, token_weights
@@ -82,7 +83,7 @@ class MaxSimFunction(torch.autograd.Function):
         return s_q2d, s_d2q
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("maxsim / late_interaction_loss")
     def backward(ctx, g_q2d, g_d2q):
         q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q, val_d2q = ctx.saved_tensors
         o = ctx.options

@@ -33,6 +33,7 @@ import torch
 
 from .. import _checks, _comm, _dispatch
 from .. import reference as _reference
+from .._autograd import first_order_only
 from .._tiling import accumulation_dtype
 from . import sweeps
 
@@ -87,6 +88,7 @@ class SigmoidLossFunction(torch.autograd.Function):
         return loss / comm.total_rows(q.shape[0]) if options.reduction == "mean" else loss
 
     @staticmethod
+    @first_order_only("sigmoid_loss")
     def backward(ctx, grad_out):
         options, comm = ctx.options, ctx.comm
         if options.reduction == "none":

@@ -24,6 +24,7 @@ import torch
 
 from .. import _checks, _comm, _dispatch
 from .. import reference as _reference
+from .._autograd import first_order_only
 from .._tiling import accumulation_dtype
 from ..infonce import sweeps as _infonce_sweeps
 from ..reference import soft_targets as _reference_soft
@@ -91,6 +92,7 @@ class SoftTargetFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("distill_loss / cwcl_loss")
     def backward(ctx, grad_out):
         q, k, scale, tq, tk, tscale, row, col, *saved = ctx.saved_tensors
         options, comm = ctx.options, ctx.comm

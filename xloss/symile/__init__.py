@@ -28,6 +28,7 @@ import torch
 
 from .. import _checks, _dispatch, _tiling
 from .. import reference as _reference
+from .._autograd import first_order_only
 from .._reduce import reduce_terms
 from ..reference.symile import draw_permutations
 from . import ops
@@ -60,6 +61,7 @@ class SymileFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("symile_loss")
     def backward(ctx, grad_out):
         scale, out, *reps = ctx.saved_tensors
         s = scale.detach().to(out.dtype)
