@@ -21,4 +21,12 @@ def budget_bytes(default: int) -> int:
     """The working-set budget of a chunked path in bytes: ``XLOSS_CPU_TILE_MB`` (MiB, may be fractional) when
     set, else the family's ``default`` (each family knows which tile size runs fastest for it)."""
     env = os.environ.get("XLOSS_CPU_TILE_MB", "").strip()
-    return max(1, int(float(env) * 2**20)) if env else default
+    if not env:
+        return default
+    try:
+        mib = float(env)
+    except ValueError:
+        mib = float("nan")
+    if not (mib > 0 and mib != float("inf")):  # also refuses nan
+        raise ValueError(f"XLOSS_CPU_TILE_MB must be a positive finite number of MiB (e.g. 64 or 0.5), got {env!r}")
+    return max(1, int(mib * 2**20))

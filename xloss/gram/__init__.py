@@ -248,7 +248,8 @@ def gram_loss(*modalities: torch.Tensor, logit_scale=None, temperature=None, lab
     if name == "reference":
         s = {"temperature": 1.0 / scale} if temperature is not None else {"logit_scale": scale}
         return _reference.gram_loss(anchor, *others, **s, labels=labels, label_smoothing=label_smoothing,
-                                    stopgrad_gathered=stopgrad_gathered, eps=eps, reduction=reduction)
+                                    stopgrad_gathered=stopgrad_gathered, eps=eps, reduction=reduction
+                                    ).to(accumulation_dtype(anchor.dtype))
     labels = torch.arange(n1, device=anchor.device) if labels is None else labels.long()
     options = GramOptions("loss", eps, name, float(label_smoothing), stopgrad_gathered, reduction)
     return GramFunction.apply(options, scale, labels, *_checks.distinct_inputs([anchor, *others]))

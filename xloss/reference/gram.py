@@ -92,6 +92,7 @@ def gram_loss(
     target = torch.arange(n, device=anchor.device)
     if labels is None:
         labels = target
+    labels = labels.long()  # any integer dtype (uint8 would index as a mask); int64 stays the same object
     rows = F.cross_entropy(z_row, labels, label_smoothing=label_smoothing, reduction="none")
     # column y_i of the logits, as a row over all anchors; with default labels and N1 == N2 it is z_col itself
     columns = z_col if (labels is target and v_col.shape[1] == n) else z_col[labels]

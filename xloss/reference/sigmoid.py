@@ -60,6 +60,6 @@ def sigmoid_loss(
         if labels is None:
             labels = torch.arange(n, device=query.device)
         signs = -torch.ones(n, m, dtype=logits.dtype, device=logits.device)
-        signs[torch.arange(n, device=query.device), labels] = 1.0
+        signs[torch.arange(n, device=query.device), labels.long()] = 1.0  # any integer dtype (uint8: no mask)
     terms = -F.logsigmoid(signs * logits).sum(1)
     return reduce_terms(terms, reduction)

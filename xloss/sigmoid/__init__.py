@@ -188,7 +188,8 @@ def sigmoid_loss(
         _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
     if name == "reference":
         return _reference.sigmoid_loss(query, key, logit_scale=scale, logit_bias=bias, labels=labels,
-                                       query_groups=query_groups, key_groups=key_groups, reduction=reduction)
+                                       query_groups=query_groups, key_groups=key_groups, reduction=reduction
+                                       ).to(accumulation_dtype(query.dtype))
     if groups:  # one id dtype on every rank: the key ids are gathered
         query_groups, key_groups = query_groups.long(), key_groups.long()
     elif labels is None:

@@ -288,7 +288,8 @@ def distill_loss(
     _check_paired(comm, n, m, symmetric and reduction == "none", "reduction='none' with symmetric=True")
     if name == "reference":
         return _reference.distill_loss(query, key, teacher_query, teacher_key, logit_scale=scale,
-                                       teacher_logit_scale=tscale, symmetric=symmetric, reduction=reduction)
+                                       teacher_logit_scale=tscale, symmetric=symmetric, reduction=reduction
+                                       ).to(accumulation_dtype(query.dtype))
     options = SoftTargetOptions("teacher", symmetric, reduction, name)
     return SoftTargetFunction.apply(query, key, scale, teacher_query.detach(), teacher_key.detach(), tscale.detach(),
                                     options, comm)
@@ -343,7 +344,7 @@ def cwcl_loss(
     _check_paired(comm, n, m, True, "cwcl_loss")
     if name == "reference":
         return _reference_soft.cwcl_loss(query, key, logit_scale=scale, query_targets=u, key_targets=v,
-                                         symmetric=symmetric, reduction=reduction)
+                                         symmetric=symmetric, reduction=reduction).to(accumulation_dtype(query.dtype))
     options = SoftTargetOptions("cwcl", symmetric, reduction, name)
     return SoftTargetFunction.apply(query, key, scale, u.detach(), None if v is None else v.detach(),
                                     scale.new_ones(()), options, comm)

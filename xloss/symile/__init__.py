@@ -218,8 +218,10 @@ def symile_loss(
             s = 1.0 / float(temperature)
         else:
             s = 1.0 if logit_scale is None else float(logit_scale)
-        return _reference.symile.symile_loss(reps, s, negative_sampling, permutations=permutations,
-                                             reduction=reduction)
+        out = _reference.symile.symile_loss(reps, s, negative_sampling, permutations=permutations,
+                                            reduction=reduction)
+        # "n" keeps the input dtype (as the package); "n_squared" returns the accumulation dtype on every backend
+        return out if negative_sampling == "n" else out.to(_tiling.accumulation_dtype(reps[0].dtype))
     acc = _tiling.accumulation_dtype(reps[0].dtype)
     lse = SymileFunction.apply(SymileOptions(name), scale, *_checks.distinct_inputs(reps))  # [M, N]
     pos = reps[0].to(acc)
