@@ -360,3 +360,17 @@ def test_two_ranks_match_open_clip(tmp_path):
                     a = sum(ranks[r][case][1][i] for r in range(world))
                     b = sum(ranks[r][case][0][i] for r in range(world))
                 close(a, b, f"rank {rank}, {case}, {name}")
+
+
+def test_siglip_loss_takes_open_clip_arguments_of_every_version():
+    """open_clip's current SigLipLoss takes chunk_size; older ones bidir and use_horovod: a plain swap works."""
+    x, y = _features(6, 4, seed=5)
+    want = xnn.SigLipLoss()(x, y, 10.0, -5.0)
+    for kwargs in ({"chunk_size": 2}, {"chunk_size": None}, {"bidir": True}, {"bidir": False},
+                   {"use_horovod": False}, {"dist_impl": "gather", "chunk_size": 64}):
+        torch.testing.assert_close(xnn.SigLipLoss(**kwargs)(x, y, 10.0, -5.0), want)
+    assert xnn.SigLipLoss(bidir=False).dist_impl == "shift"
+    with pytest.raises(ValueError, match="chunk_size"):
+        xnn.SigLipLoss(chunk_size=0)
+    with pytest.raises(NotImplementedError, match="horovod"):
+        xnn.SigLipLoss(world_size=2, rank=0, use_horovod=True)

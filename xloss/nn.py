@@ -343,6 +343,9 @@ class SigLipLoss(nn.Module):
         cache_labels: accepted for compatibility (no labels are built).
         rank, world_size, dist_impl: as open_clip (``dist_impl`` in ``bidir``, ``shift``, ``reduce``,
             ``gather``; default ``bidir``).
+        chunk_size: open_clip's memory knob, accepted (a positive int or None); xloss always tiles the logits.
+        bidir, use_horovod: older open_clip's arguments (``bidir=False`` is ``dist_impl="shift"``; horovod is
+            refused with ``world_size > 1``).
         backend: xloss backend.
 
     Shapes:
@@ -351,13 +354,26 @@ class SigLipLoss(nn.Module):
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
-                 *, backend: str = "auto"):
+                 chunk_size: int | None = None, bidir: bool | None = None, use_horovod: bool = False, *,
+                 backend: str = "auto"):
         super().__init__()
         _check_bool("cache_labels", cache_labels)
         _check_rank(rank, world_size)
         _check_backend(backend)
+        # chunk_size (open_clip's memory knob): accepted and checked; xloss always streams the logits in tiles.
+        if chunk_size is not None:
+            _check_int("chunk_size", chunk_size, 1)
+        if bidir is not None:  # older open_clip: bidir=True/False before dist_impl existed
+            _check_bool("bidir", bidir)
+            if dist_impl is None:
+                dist_impl = "bidir" if bidir else "shift"
+        _check_bool("use_horovod", use_horovod)
+        if use_horovod and world_size > 1:
+            raise NotImplementedError("use_horovod=True is not supported: xloss exchanges features through "
+                                      "torch.distributed (open_clip's SigLipLoss refuses it too)")
         dist_impl = dist_impl or "bidir"
         _checks.check_choice("dist_impl", dist_impl, tuple(_SIGLIP_EXCHANGE))
+        self.chunk_size = chunk_size
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
