@@ -84,6 +84,14 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "cuda": Preset(((65536, 65536, 512),), "bfloat16", families=("distill", "cwcl")),
     },
     "gpu": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", baselines=("naive", "inf_cl"), families=("info_nce",))},
+    # tools/gpu_check.sh: the sigmoid loss at the InfoNCE GPU shape, and late interaction at the ColBERT training
+    # shape (Nq = Nd = 256, Lq = 32, Ld = 180), the ColPali one (Ld = 1030) and scoring, against flash-maxsim.
+    "gpu-sigmoid": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", families=("sigmoid",))},
+    "gpu-late-interaction": {"cuda": Preset(
+        ((256, 256, 128),), "bfloat16", baselines=("naive", "flash_maxsim"),
+        families=("late_interaction", "late_interaction_colpali", "maxsim_scoring"),
+        family_shapes={"late_interaction_colpali": ((64, 64, 128),), "maxsim_scoring": ((64, 1000, 128),)},
+    )},
     "quick": {
         "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),
         "cuda": Preset(_square((1024, 2048), 128), "float32", runs=2, families=("info_nce",)),

@@ -37,7 +37,7 @@ def _late_inputs(tokens: tuple[int, int], grad: bool) -> Callable[[Shape, torch.
 
         lengths = torch.randint(max(1, ld // 3), ld + 1, (nd,), generator=gen, device=device)
         d_mask = torch.arange(ld, device=device)[None, :] < lengths[:, None]
-        inputs = {"q": tokens_of(nq, lq), "d": tokens_of(nd, ld), "d_mask": d_mask}
+        inputs = {"q": tokens_of(nq, lq), "d": tokens_of(nd, ld), "d_mask": d_mask, "d_len": lengths}
         if grad:
             inputs["scale"] = torch.tensor(1.0, device=device, requires_grad=True)
         return inputs
@@ -73,6 +73,33 @@ def _scoring_naive(inputs: dict) -> None:
         reference.maxsim(inputs["q"], inputs["d"], None, inputs["d_mask"])
 
 
+def _flash_maxsim_train(inputs: dict) -> None:
+    # flash-maxsim's training kernel: [Nq, Nd] scores (fp32), then the same cross-entropy as xloss's default
+    # (direction "q2d", labels arange, the scale on the logits).
+    from flash_maxsim import flash_maxsim_batched_train
+
+    scores = flash_maxsim_batched_train(inputs["q"], inputs["d"], doc_lengths=inputs["d_len"].to(torch.int32))
+    labels = torch.arange(scores.shape[0], device=scores.device)
+    torch.nn.functional.cross_entropy(inputs["scale"] * scores, labels).backward()
+
+
+def _flash_maxsim_scoring(inputs: dict) -> None:
+    from flash_maxsim import flash_maxsim_batched
+
+    with torch.no_grad():
+        flash_maxsim_batched(inputs["q"], inputs["d"], doc_lengths=inputs["d_len"].to(torch.int32))
+
+
+def _flash_maxsim_unavailable() -> str | None:
+    """flash-maxsim is CUDA-only (Triton GPU kernels)."""
+    return missing("flash_maxsim")() or (None if torch.cuda.is_available() else "flash_maxsim needs a CUDA GPU")
+
+
+def _flash_extra(run) -> dict:
+    return {"flash_maxsim": Impl("flash_maxsim", "flash_maxsim (batched)", run, lambda device: "triton",
+                                 unavailable=_flash_maxsim_unavailable)}
+
+
 def _late_naive_peak(tokens: tuple[int, int], factor: float):
     def estimate(shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
         nq, nd, dim = shape
@@ -102,7 +129,25 @@ register(
             "naive", "xloss.reference.late_interaction_loss", _late_naive, lambda device: "reference",
             estimate_peak_bytes=_late_naive_peak(LATE_TRAIN_TOKENS, NAIVE_LATE_TRAIN_FACTOR),
         ),
+        extras=_flash_extra(_flash_maxsim_train),
         flops=_late_flops(LATE_TRAIN_TOKENS, backward=True),
+    )
+)
+
+# ColPali: a ~32-token query against 1030 patch embeddings per page (32×32 patches plus special tokens).
+COLPALI_TOKENS = (32, 1030)
+
+register(
+    Family(
+        name="late_interaction_colpali",
+        make_inputs=_late_inputs(COLPALI_TOKENS, grad=True),
+        xloss=Impl("xloss", "xloss.late_interaction_loss", _late_xloss, xloss_backend("late_interaction")),
+        naive=Impl(
+            "naive", "xloss.reference.late_interaction_loss", _late_naive, lambda device: "reference",
+            estimate_peak_bytes=_late_naive_peak(COLPALI_TOKENS, NAIVE_LATE_TRAIN_FACTOR),
+        ),
+        extras=_flash_extra(_flash_maxsim_train),
+        flops=_late_flops(COLPALI_TOKENS, backward=True),
     )
 )
 
@@ -115,6 +160,7 @@ register(
             "naive", "xloss.reference.maxsim (no_grad)", _scoring_naive, lambda device: "reference",
             estimate_peak_bytes=_late_naive_peak(LATE_SCORE_TOKENS, NAIVE_LATE_SCORE_FACTOR),
         ),
+        extras=_flash_extra(_flash_maxsim_scoring),
         flops=_late_flops(LATE_SCORE_TOKENS, backward=False),
     )
 )
