@@ -40,15 +40,16 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
 
 
 def _value_check(cond: torch.Tensor, message: str) -> None:
-    """Raise ValueError(message) unless the boolean 0-dim tensor `cond` holds, without a sync on CUDA.
+    """Raise unless the boolean 0-dim tensor ``cond`` holds, without reading it back to the host.
 
-    Under ``torch.compile`` reading the value would break the graph: the check becomes an in-graph
-    ``_assert_async`` (RuntimeError when it fails)."""
-    if torch.compiler.is_compiling():
-        torch._assert_async(cond, message)
-    elif cond.device.type == "cpu":
-        if not bool(cond):
-            raise ValueError(message)
+    ``torch._assert_async``: on CUDA (and under ``torch.compile``) a device-side assert, so no host sync (the error
+    surfaces as a RuntimeError at the next synchronisation); on the CPU it checks at once, and the error is
+    re-raised as the ValueError it is."""
+    if cond.device.type == "cpu" and not torch.compiler.is_compiling():
+        try:
+            torch._assert_async(cond, message)
+        except RuntimeError:
+            raise ValueError(message) from None
     else:
         torch._assert_async(cond, message)
 

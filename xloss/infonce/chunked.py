@@ -97,25 +97,20 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, need_cols: bool, 
 def _shift_and_sign(stats: torch.Tensor, weight: torch.Tensor):
     """``weight·exp((z - max) - logsum) = sign·exp((z - max) - shift)``, ``shift = logsum - log|weight|``.
 
-    Returns the max, the shift and the sign vector (None when every weight is >= 0, the usual case).
-    A zero weight gives shift +inf and so exp(...) = 0.
+    Returns the max, the shift and the sign vector.  The sign is always applied (a weight's sign is the sign of
+    the incoming gradient, known only on the device: testing it would be a host sync).  A zero weight gives
+    shift +inf and so exp(...) = 0.
     """
     shift = stats[1] - torch.log(weight.abs())
-    sign = torch.sign(weight) if bool((weight < 0).any()) else None
-    return stats[0], shift, sign
+    return stats[0], shift, torch.sign(weight)
 
 
 def _add_softmax_part(out, s, mx, shift, sign, accumulate: bool):
     """``out (+)= sign·exp((s - mx) - shift)`` with the max subtracted first (see ``lse``)."""
     if accumulate:
-        s.sub_(mx).sub_(shift).exp_()
-        if sign is not None:
-            s.mul_(sign)
-        out.add_(s)
+        out.addcmul_(s.sub_(mx).sub_(shift).exp_(), sign)  # the sign in the accumulating pass: no extra pass
     else:
-        torch.sub(s, mx, out=out).sub_(shift).exp_()
-        if sign is not None:
-            out.mul_(sign)
+        torch.sub(s, mx, out=out).sub_(shift).exp_().mul_(sign)
 
 
 def grad(q, k, scale, row, col, a, w, logits=None):
