@@ -54,13 +54,16 @@ from . import chunked as _chunked
 # ----------------------------------------------------------------------------------------------- constants
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The interpreter uses small tiles (fast numpy steps; tiny test shapes still span several tiles), except when
+# XLOSS_TRITON_GPU_TILES=1 asks for the GPU's: tools/check_triton_compiles.py --report records those variants.
+_SMALL_TILES = _INTERPRET and os.environ.get("XLOSS_TRITON_GPU_TILES", "0") in ("", "0")
 
 # (BLOCK_I, BLOCK_J, BLOCK_D, num_warps) per p.  Larger p keeps 2p tile-sized fp32 arrays (c and h) live,
 # hence smaller tiles.  GPU sizes: picked among a few candidates so that the fp32 kernels compile for sm_90
 # without register spills (cuobjdump --dump-resource-usage; p = 4: 32 bytes in _bwd_others_kernel); not timed
 # on a GPU yet.  The interpreter runs every block op in numpy: small tiles keep tests fast and make tiny test
 # shapes span several tiles and D chunks.
-if _INTERPRET:
+if _SMALL_TILES:
     CONFIGS = {p: (16, 16, 16, 4) for p in range(1, 5)}
 else:
     CONFIGS = {1: (32, 64, 32, 8), 2: (32, 32, 16, 4), 3: (32, 32, 16, 4), 4: (32, 32, 32, 8)}

@@ -69,6 +69,9 @@ from .. import _triton_common as _common
 # ----------------------------------------------------------------------------------------------- constants
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The interpreter uses small tiles (fast numpy steps; tiny test shapes still span several tiles), except when
+# XLOSS_TRITON_GPU_TILES=1 asks for the GPU's: tools/check_triton_compiles.py --report records those variants.
+_SMALL_TILES = _INTERPRET and os.environ.get("XLOSS_TRITON_GPU_TILES", "0") in ("", "0")
 
 # ROWS_TARGET: rows of the similarity tile that the launcher aims for by packing several queries (BLOCK_A)
 # when their token sets are short; MAX_T: the most tokens of one entity a tile holds (longer sets loop over
@@ -77,7 +80,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # minimum) whose row block stays in registers.  The GPU settings were chosen from ptxas register reports for
 # sm_90 (no spills at 64 and 128 rows, D = 128): fp32 dots need far more registers than fp16/bf16 ones, hence
 # the smaller fp32 tiles; they are not tuned by timing yet.
-if _INTERPRET:  # small tiles: the interpreter runs every block op in numpy; tests use L, D up to ~33
+if _SMALL_TILES:  # small tiles: the interpreter runs every block op in numpy; tests use L, D up to ~33
     ROWS_TARGET = 32
     MAX_T = 32
     HALF_CONFIG = FP32_CONFIG = (16, 16, 32, 4)
@@ -375,7 +378,7 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
 # Inputs are loaded in their dtype (fp32/fp16/bf16) and accumulated in fp32; ``dx``/``dy`` are fp32.  ``idx``
 # (int16/int32) and ``g`` go through their strides (the d2q direction passes transposed views).
 
-if _INTERPRET:
+if _SMALL_TILES:
     ROUTE_BLOCK_S = 16  # tokens of x per program (gather) / per step (scatters)
     ROUTE_BLOCK_D = 16  # chunk of D
     ROUTE_BLOCK_Y = 2  # documents per program of the atomic scatter

@@ -54,11 +54,14 @@ from .._triton_common import dot_tile
 # ----------------------------------------------------------------------------------------------- constants
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The interpreter uses small tiles (fast numpy steps; tiny test shapes still span several tiles), except when
+# XLOSS_TRITON_GPU_TILES=1 asks for the GPU's: tools/check_triton_compiles.py --report records those variants.
+_SMALL_TILES = _INTERPRET and os.environ.get("XLOSS_TRITON_GPU_TILES", "0") in ("", "0")
 
 # (BLOCK_M, BLOCK_N, BLOCK_D chunk for D > SINGLE_D_MAX, num_warps, num_stages).  D <= SINGLE_D_MAX is done in
 # one chunk of next_power_of_2(D) (>= 16, tl.dot's minimum): the q block and the dq accumulator then stay in
 # registers for the whole column loop.
-if _INTERPRET:  # small tiles: the interpreter runs every block op in numpy, and tests use D up to ~70
+if _SMALL_TILES:  # small tiles: the interpreter runs every block op in numpy, and tests use D up to ~70
     CONFIG = (32, 32, 32, 4, 1)
     SINGLE_D_MAX = 32
     TARGET_PROGRAMS = 4  # so that small test shapes still exercise the column split

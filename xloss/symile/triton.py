@@ -42,12 +42,15 @@ import triton.language as tl
 # ----------------------------------------------------------------------------------------------- constants
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The interpreter uses small tiles (fast numpy steps; tiny test shapes still span several tiles), except when
+# XLOSS_TRITON_GPU_TILES=1 asks for the GPU's: tools/check_triton_compiles.py --report records those variants.
+_SMALL_TILES = _INTERPRET and os.environ.get("XLOSS_TRITON_GPU_TILES", "0") in ("", "0")
 
 # (M, dot precision) -> (BLOCK_I, BLOCK_J, BLOCK_L, BLOCK_E, BLOCK_D, num_warps): the tile has
 # BLOCK_J·BLOCK_L·BLOCK_E columns.  GPU sizes: the largest that compile for sm_90 without register spills
 # (checked with cuobjdump --dump-resource-usage; "ieee" fp32 dots run on FMA units and need more registers, and
 # still spill 24 bytes); not timed on a GPU yet.
-if _INTERPRET:  # small tiles: fast numpy steps, and tiny test shapes still span several blocks
+if _SMALL_TILES:  # small tiles: fast numpy steps, and tiny test shapes still span several blocks
     CONFIGS = {(3, "tf32"): (16, 8, 8, 1, 16, 4), (4, "tf32"): (16, 4, 4, 4, 16, 4)}
     CONFIGS.update({(m, "ieee"): cfg for (m, _), cfg in list(CONFIGS.items())})
 else:
