@@ -411,3 +411,118 @@ def test_every_engine_matches_the_reference(backend, dtype):
         seeded = [xloss.banzhaf_interaction(sim, p, q, tm, vm, num_samples=6, backend=b,
                                             generator=torch.Generator().manual_seed(7)) for b in (backend, "chunked")]
         torch.testing.assert_close(seeded[0].double(), seeded[1].double(), rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------- non-finite values, padding (issue 15)
+def _same_nonfinite(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 1e-12) -> None:
+    """NaN and ±inf exactly where the reference has them, the finite entries close."""
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN at {got.isnan().nonzero().tolist()}, " \
+                                                   f"the reference at {want.isnan().nonzero().tolist()}"
+    assert torch.equal(got.isposinf(), want.isposinf()) and torch.equal(got.isneginf(), want.isneginf()), what
+    fin = want.isfinite()
+    torch.testing.assert_close(got[fin], want[fin], rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def _nonfinite_case(seed: int):
+    """Ragged fp64 inputs with NaN, +inf and -inf at valid positions (similarities and weights)."""
+    sim, p, q, tm, vm = make(3, 5, 4, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    valid = tm[:, :, None] & vm[:, None, :]
+    cells = valid.nonzero()[torch.randperm(int(valid.sum()), generator=g)[:3]]
+    for (b, t, v), value in zip(cells.tolist(), (math.nan, math.inf, -math.inf)):
+        sim[b, t, v] = value
+    p[-1, 1] = math.nan  # the last row is fully valid
+    return sim, p, q, tm, vm
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["compiled", "chunked"])
+def test_nan_and_inf_in_valid_entries_propagate_as_in_the_reference(backend, mode):
+    """Item 2 of issue 15: the compiled op took NaN out of a max (``a > b ? a : b``) and sorted with a ``>``
+    that NaN breaks, so some entries were finite where the definition gives NaN."""
+    if backend == "compiled" and not bz.op_available():
+        pytest.skip("the compiled ops are not built here")
+    for seed in (3, 11, 29):
+        sim, p, q, tm, vm = _nonfinite_case(seed)
+        c = random_coalitions(3, 5, 4, 4, seed=seed)
+        want = xloss.banzhaf_interaction(sim, p, q, tm, vm, mode=mode, coalitions=c, backend="reference")
+        assert want.isnan().any() and want.isfinite().any()  # the case means something
+        got = xloss.banzhaf_interaction(sim, p, q, tm, vm, mode=mode, coalitions=c, backend=backend)
+        _same_nonfinite(got, want, f"{backend} {mode} seed {seed}")
+
+
+def test_reference_follows_the_definition_not_hbis_products():
+    """L̄ is sim on the coalition and exactly 0 elsewhere: a NaN outside every coalition of a pair changes
+    nothing (HBI's ``sim * mask`` would make everything NaN)."""
+    sim, p, q, tm, vm = make(1, 3, 3, seed=5, ragged=False)
+    c = torch.zeros(1, 3, 3, 2, 6, dtype=torch.bool)  # empty coalitions: only i and j take part
+    poisoned = sim.clone()
+    poisoned[0, 2, 2] = math.nan
+    got = ref.banzhaf_interaction(poisoned, p, q, tm, vm, coalitions=c)
+    want = ref.banzhaf_interaction(sim, p, q, tm, vm, coalitions=c)
+    assert got[0, 2, 2].isnan()
+    keep = torch.ones(3, 3, dtype=torch.bool)
+    keep[2, 2] = False
+    torch.testing.assert_close(got[0][keep], want[0][keep], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["compiled", "chunked", "reference"])
+def test_padding_never_influences_anything(backend, mode):
+    """The padding contract: NaN, inf or garbage outside ``text_mask ⊗ video_mask`` (in sim and in the weights)
+    leaves every value as it was with clean padding, and the result there is exactly 0."""
+    if backend == "compiled" and not bz.op_available():
+        pytest.skip("the compiled ops are not built here")
+    sim, p, q, tm, vm = make(3, 5, 4, seed=17)
+    c = random_coalitions(3, 5, 4, 4, seed=18)
+    clean = xloss.banzhaf_interaction(sim, p, q, tm, vm, mode=mode, coalitions=c, backend=backend)
+    valid = tm[:, :, None] & vm[:, None, :]
+    dirty = [sim.masked_fill(~valid, math.nan), p.masked_fill(~tm, math.nan), q.masked_fill(~vm, math.inf)]
+    got = xloss.banzhaf_interaction(*dirty, tm, vm, mode=mode, coalitions=c, backend=backend)
+    torch.testing.assert_close(got, clean, rtol=0, atol=0)
+    assert (got[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_takes_half_inputs(dtype):
+    """Item 6 of issue 15: ``backend="reference"`` overflowed float16 with HBI's -9e15; it computes in fp32 and
+    returns sim's dtype, as the other backends."""
+    sim, p, q, tm, vm = make(2, 4, 3, seed=21)
+    c = random_coalitions(2, 4, 3, 3, seed=22)
+    args = (sim.to(dtype), p.to(dtype), q.to(dtype), tm, vm)
+    want = xloss.banzhaf_interaction(*args, coalitions=c, backend="chunked")
+    for backend in ("reference", *(("compiled",) if bz.op_available() else ())):
+        got = xloss.banzhaf_interaction(*args, coalitions=c, backend=backend)
+        assert got.dtype == dtype, backend
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    # seeded sampling (torch.rand on the generator) runs too
+    assert xloss.banzhaf_interaction(*args, num_samples=2, backend="reference",
+                                     generator=torch.Generator().manual_seed(0)).dtype == dtype
+
+
+@pytest.mark.parametrize("env", ["gpu", "Compiled", "fast"])
+def test_unknown_backend_variable_is_refused(monkeypatch, env):
+    """Item 8 of issue 15: ``XLOSS_BACKEND`` is validated by xloss._dispatch for every family, banzhaf included
+    (an unknown value is a ValueError that names the variable, never ignored)."""
+    monkeypatch.setenv("XLOSS_BACKEND", env)
+    sim, p, q, tm, vm = make(2, 3, 4)
+    with pytest.raises(ValueError, match=rf"XLOSS_BACKEND must be one of .*'{env}'"):
+        xloss.banzhaf_interaction(sim, p, q, tm, vm, num_samples=2)
+
+
+@pytest.mark.parametrize("env,engine", [("reference", "reference"), ("chunked", "chunked"), ("cpu", "chunked"),
+                                        ("triton", None)])
+def test_backend_variable_picks_the_engine_as_for_every_family(monkeypatch, env, engine):
+    """``XLOSS_BACKEND`` overrides "auto" where the family has that engine; banzhaf has no Triton engine, so
+    "triton" keeps auto's choice (as for a dtype Triton does not take elsewhere); an explicit backend wins."""
+    from xloss import _dispatch
+
+    monkeypatch.setenv("XLOSS_BACKEND", env)
+    dev = torch.device("cpu")
+    auto = "compiled" if bz.op_available() else "chunked"
+    assert _dispatch.resolve("banzhaf", "auto", dev, torch.float64) == (engine or auto)
+    assert _dispatch.resolve("banzhaf", "chunked", dev, torch.float64) == "chunked"
+    sim, p, q, tm, vm = make(2, 3, 4)
+    c = random_coalitions(2, 3, 4, 2)
+    torch.testing.assert_close(xloss.banzhaf_interaction(sim, p, q, tm, vm, coalitions=c),
+                               ref.banzhaf_interaction(sim, p, q, tm, vm, coalitions=c), rtol=1e-12, atol=1e-12)

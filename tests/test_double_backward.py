@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_close64
 
 import xloss
-from tolerance import assert_close64
 
 F64 = torch.float64
 

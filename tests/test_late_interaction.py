@@ -299,10 +299,12 @@ def test_engine_indices_and_values():
     assert torch.equal(i2[sel2].long(), want_i2[sel2])
     assert (i2[~has2] == -1).all() and (v2[~has2] == 0).all()
     torch.testing.assert_close(s2, (d_w[None] * v2).sum(-1))
-    # one direction only: the other is None; zero mode: no -1 (invalid tokens score 0 and compete)
+    # one direction only: the other is None; zero mode: -1 only at masked-out query tokens (invalid document
+    # tokens score 0 and compete, so every valid query token has a winner)
     out = _chunked.maxsim_fwd(q, d, q_w, None, qm, dm, True, True, False)
     assert out[3] is None and out[4] is None and out[5] is None
-    assert (out[1] >= 0).all()
+    valid = qm[:, None, :].expand_as(out[1])
+    assert (out[1][valid] >= 0).all() and (out[1][~valid] == -1).all() and (out[2][~valid] == 0).all()
     out = _chunked.maxsim_fwd(q, d, q_w, d_w, qm, dm, False, True, False, need_aux=False)
     assert out[1] is None and out[2] is None
     torch.testing.assert_close(out[0], s1)
@@ -529,7 +531,7 @@ def test_one_function_runs_every_public_path_through_the_ops(monkeypatch):
 
     calls = []
     fwd, bwd = li_ops.forward, li_ops.backward
-    monkeypatch.setattr(li_ops, "forward", lambda *a: calls.append(("fwd", a[-3], a[-2])) or fwd(*a))
+    monkeypatch.setattr(li_ops, "forward", lambda *a: calls.append(("fwd", a[9], a[10])) or fwd(*a))  # engine, pairs
     monkeypatch.setattr(li_ops, "backward", lambda *a: calls.append(("bwd", a[-3], a[-2])) or bwd(*a))
     q, d, qm, dm, _, _ = make_inputs(nq=4, nd=4)
     q.requires_grad_(True)

@@ -38,9 +38,9 @@ def dm_(shape=(ND, LD), dtype=torch.bool, device="cpu"):
 COMMON = [
     # --- shapes
     ("dim-mismatch", (q_(d=2), d_(d=3)), {}, ValueError, r"q and d.*feature dimension.*\(3, 5, 2\).*\(4, 6, 3\)"),
-    ("q-2d", (torch.randn(NQ, D), d_()), {}, ValueError, r"q must be 3-D.*\(3, 2\)"),
     ("q-4d", (torch.randn(1, NQ, LQ, D), d_()), {}, ValueError, r"q must be 3-D.*\(1, 3, 5, 2\)"),
-    ("d-2d", (q_(), torch.randn(ND, D)), {}, ValueError, r"d must be 3-D.*\(4, 2\)"),
+    ("d-2d", (q_(), torch.randn(ND, D)), {}, ValueError, r"d must be 3-D.*\(4, 2\).*d\[None\]"),
+    ("q-1d", (torch.randn(D), d_()), {}, ValueError, r"q must be 3-D.*\(2,\)"),
     ("q-0d", (torch.tensor(1.0), d_()), {}, ValueError, r"q must be 3-D"),
     ("empty-Nq", (q_(n=0), d_()), {}, ValueError, r"q must not be empty.*\(0, 5, 2\)"),
     ("empty-Lq", (q_(lq=0), d_()), {}, ValueError, r"q must not be empty.*\(3, 0, 2\)"),
@@ -62,10 +62,20 @@ COMMON = [
     ("q-mask-1d", (q_(), d_(), qm_((NQ,))), {}, ValueError, r"q_mask.*shape \(3, 5\).*\(3,\)"),
     ("d-mask-shape", (q_(), d_(), None, dm_((ND + 1, LD))), {}, ValueError, r"d_mask.*shape \(4, 6\).*\(5, 6\)"),
     ("d-mask-transposed", (q_(), d_(), None, dm_((LD, ND))), {}, ValueError, r"d_mask.*shape \(4, 6\).*\(6, 4\)"),
-    ("q-mask-float", (q_(), d_(), qm_(dtype=torch.float32)), {}, TypeError, r"q_mask.*torch.bool.*float32"),
-    ("d-mask-int", (q_(), d_(), None, dm_(dtype=torch.int64)), {}, TypeError, r"d_mask.*torch.bool.*int64"),
-    ("d-mask-uint8", (q_(), d_(), None, dm_(dtype=torch.uint8)), {}, TypeError, r"d_mask.*torch.bool.*uint8"),
-    ("q-mask-list", (q_(), d_(), [[True] * LQ] * NQ), {}, TypeError, r"q_mask must be a bool torch.Tensor"),
+    # 0/1 masks of any integer or float dtype are accepted (test_late_interaction.py); other values are not
+    ("q-mask-float-half", (q_(), d_(), qm_(dtype=torch.float32) * 0.5), {}, ValueError,
+     r"q_mask must hold only 0 and 1"),
+    ("q-mask-float-nan", (q_(), d_(), qm_(dtype=torch.float32) * math.nan), {}, ValueError,
+     r"q_mask must hold only 0 and 1"),
+    ("d-mask-int-2", (q_(), d_(), None, dm_(dtype=torch.int64) * 2), {}, ValueError, r"d_mask must hold only 0 and 1"),
+    ("d-mask-int-negative", (q_(), d_(), None, -dm_(dtype=torch.int32)), {}, ValueError,
+     r"d_mask must hold only 0 and 1"),
+    ("d-mask-uint8-255", (q_(), d_(), None, dm_(dtype=torch.uint8) * 255), {}, ValueError,
+     r"d_mask must hold only 0 and 1"),
+    ("q-mask-complex", (q_(), d_(), qm_(dtype=torch.complex64)), {}, TypeError, r"q_mask must be bool.*complex64"),
+    ("q-mask-float-shape", (q_(), d_(), qm_((NQ, LQ + 1), dtype=torch.float16)), {}, ValueError,
+     r"q_mask.*shape \(3, 5\).*\(3, 6\)"),
+    ("q-mask-list", (q_(), d_(), [[True] * LQ] * NQ), {}, TypeError, r"q_mask must be a torch.Tensor.*list"),
     ("d-mask-device", (q_(), d_(), None, dm_(device="meta")), {}, ValueError, r"d_mask.*same device.*meta"),
     # --- weights
     ("q-weights-shape", (q_(), d_()), {"q_weights": torch.ones(NQ, LQ + 1)}, ValueError,
@@ -90,6 +100,17 @@ COMMON = [
     ("mask-mode-none", (q_(), d_()), {"mask_mode": None}, ValueError, r"mask_mode.*None"),
     ("direction-unknown", (q_(), d_()), {"direction": "t2i"}, ValueError, r"direction.*'q2d'.*'t2i'"),
     ("direction-none", (q_(), d_()), {"direction": None}, ValueError, r"direction.*None"),
+]
+
+# A single 2-D query is a batch of one for maxsim and the loss (flash-maxsim's flash_maxsim(Q, D)), not for
+# aligned pairs
+PAIRS_ONLY = [
+    ("q-2d", (torch.randn(NQ, D), d_(n=NQ)), {}, ValueError, r"q must be 3-D.*\(3, 2\)"),
+]
+TWO_D_QUERY = [
+    ("q-2d-mask-shape", (torch.randn(LQ, D), d_(), qm_((LQ + 1,))), {}, ValueError, r"q_mask.*shape \(1, 5\)"),
+    ("q-2d-mask-values", (torch.randn(LQ, D), d_(), qm_((LQ,), dtype=torch.int8) * 3), {}, ValueError,
+     r"q_mask must hold only 0 and 1"),
 ]
 
 # maxsim and maxsim_pairs: the token reduction is "token_reduction" ("reduction", its deprecated old name, still
@@ -124,6 +145,11 @@ LOSS_ONLY = [
     ("scale-two-elements", (q_(), d_()), {"logit_scale": torch.tensor([1.0, 2.0])}, ValueError,
      r"logit_scale.*one element"),
     ("scale-int-tensor", (q_(), d_()), {"logit_scale": torch.tensor(10)}, TypeError, r"logit_scale.*int64"),
+    # a meta scale holds no value: named, not "Cannot copy out of meta tensor"
+    ("scale-meta", (q_(), d_()), {"logit_scale": torch.tensor(2.0, device="meta")}, ValueError,
+     r"logit_scale is a meta tensor.*cpu"),
+    ("temperature-meta", (q_(), d_()), {"logit_scale": None, "temperature": torch.tensor(0.5, device="meta")},
+     ValueError, r"temperature is a meta tensor.*cpu"),
 ]
 
 
@@ -132,7 +158,7 @@ def _params(cases):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("args,kwargs,exc,match", _params(COMMON + SCORE_ONLY))
+@pytest.mark.parametrize("args,kwargs,exc,match", _params(COMMON + SCORE_ONLY + TWO_D_QUERY))
 def test_maxsim_bad_input(monkeypatch, backend, args, kwargs, exc, match):
     monkeypatch.delenv("XLOSS_BACKEND", raising=False)
     with pytest.raises(exc, match=match):
@@ -140,7 +166,7 @@ def test_maxsim_bad_input(monkeypatch, backend, args, kwargs, exc, match):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("args,kwargs,exc,match", _params(COMMON + SCORE_ONLY))
+@pytest.mark.parametrize("args,kwargs,exc,match", _params(COMMON + SCORE_ONLY + PAIRS_ONLY))
 def test_maxsim_pairs_bad_input(monkeypatch, backend, args, kwargs, exc, match):
     monkeypatch.delenv("XLOSS_BACKEND", raising=False)
     with pytest.raises(exc, match=match):
@@ -148,7 +174,7 @@ def test_maxsim_pairs_bad_input(monkeypatch, backend, args, kwargs, exc, match):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("args,kwargs,exc,match", _params(COMMON + LOSS_ONLY))
+@pytest.mark.parametrize("args,kwargs,exc,match", _params(COMMON + LOSS_ONLY + TWO_D_QUERY))
 def test_late_interaction_loss_bad_input(monkeypatch, backend, args, kwargs, exc, match):
     monkeypatch.delenv("XLOSS_BACKEND", raising=False)
     kwargs = {"logit_scale": 1.0, **kwargs}

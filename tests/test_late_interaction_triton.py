@@ -50,14 +50,17 @@ def _ref(q, d, q_w, d_w, q_valid, d_valid, zero_mode):
     sim = torch.einsum("atk,bvk->abtv", q.double().cpu(), d.double().cpu())  # [Nq, Nd, Lq, Ld]
     qv, dv = q_valid.cpu(), d_valid.cpu()
     out, cands = [], []
-    for valid, dim, w in ((dv[None, :, None, :], 3, q_w), (qv[:, None, :, None], 2, d_w)):
+    for valid, own, dim, w in ((dv[None, :, None, :], qv[:, None, :], 3, q_w),
+                               (qv[:, None, :, None], dv[None, :, :], 2, d_w)):
         masked = torch.where(valid, sim, 0.0) if zero_mode else sim.masked_fill(~valid, float("-inf"))
         if masked.shape[dim] == 0:
             val = torch.zeros(masked.shape[:dim] + masked.shape[dim + 1:], dtype=torch.float64)
             idx = torch.full(val.shape, -1, dtype=torch.int64)
         else:
             val, idx = masked.max(dim)  # lowest index on ties
-            none = torch.isinf(val)
+            # no candidate (exclude mode, no valid token on the other side), or a masked-out token of the
+            # weighted side (the padding contract): value 0, index -1
+            none = ~own if zero_mode else ~own | ~valid.any(dim)
             val, idx = val.masked_fill(none, 0.0), idx.masked_fill(none, -1)
         if dim == 3:
             s = (val * w.double().cpu()[:, None, :]).sum(-1)
@@ -255,9 +258,9 @@ def engine_calls(monkeypatch):
     calls = []
     inner = tri.maxsim_fwd
 
-    def spy(*args, need_aux=True):
+    def spy(*args, need_aux=True, **kwargs):
         calls.append(need_aux)
-        return inner(*args, need_aux=need_aux)
+        return inner(*args, need_aux=need_aux, **kwargs)
 
     monkeypatch.setattr(tri, "maxsim_fwd", spy)
     return calls
@@ -559,3 +562,76 @@ def test_public_float64_explicit_triton_raises_and_auto_runs_chunked(monkeypatch
         xloss.late_interaction_loss(q, d, logit_scale=1.0, backend="triton")
     torch.testing.assert_close(xloss.maxsim(q, d, direction="both"),
                                xloss.maxsim(q, d, direction="both", backend="reference"))
+
+
+# ------------------------------------------------------- non-finite values and the padding contract (issue 15)
+def _same_nonfinite(got, want, what, tol=1e-5):
+    got, want = got.cpu().double(), want.cpu().double()
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN at {got.isnan().nonzero().tolist()}, " \
+                                                   f"reference at {want.isnan().nonzero().tolist()}"
+    assert torch.equal(got.isposinf(), want.isposinf()) and torch.equal(got.isneginf(), want.isneginf()), what
+    fin = want.isfinite()
+    torch.testing.assert_close(got[fin], want[fin], atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def _dirty(q, d, q_mask, d_mask):
+    """NaN and inf in every masked-out token."""
+    q2, d2 = q.masked_fill(~q_mask[..., None], float("nan")), d.masked_fill(~d_mask[..., None], float("nan"))
+    d2[..., 0] = torch.where(d_mask, d2[..., 0], float("inf"))
+    return q2, d2
+
+
+# rows = queries (fused), rows = documents (fused), two one-direction sweeps with the token-block loop
+PUBLIC_SHAPES = [(3, 4, 5, 17, 9), (2, 3, 33, 5, 6), (2, 3, 33, 33, 5)]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's NaN dots (interpreter)
+@pytest.mark.parametrize("shape", PUBLIC_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("direction", ["q2d", "d2q", "both"])
+@pytest.mark.parametrize("mask_mode", ["exclude", "zero"])
+def test_nan_and_inf_propagate_and_padding_is_ignored(shape, direction, mask_mode, engine_calls):
+    """The kernel tracks NaN apart from its max (``tl.max`` drops NaN on the GPU, keeps it in the interpreter),
+    replaces masked entries instead of multiplying them, and never computes a masked-out row token into a
+    score: the NaN / ±inf pattern of the reference, with NaN and inf in the padding."""
+    import xloss
+
+    nq, nd, lq, ld, dim = shape
+    q, d, q_mask, d_mask, q_wt, d_wt = _public_inputs(14, nq, nd, lq, ld, dim)
+    d[-1, 0, 0] = float("nan")  # valid tokens (the last document and the first query are fully valid)
+    d[-1, 1, 1] = float("inf")
+    q[0, 1, 0] = float("-inf")
+    kw = {"mask_mode": mask_mode, "direction": direction, "q_weights": q_wt if direction != "d2q" else None,
+          "d_weights": d_wt if direction != "q2d" else None}
+    want = xloss.maxsim(q, d, q_mask, d_mask, backend="reference", **kw)
+    assert want.isnan().any()
+    got = xloss.maxsim(*_dirty(q, d, q_mask, d_mask), q_mask, d_mask, backend="triton", **kw)
+    assert engine_calls
+    _same_nonfinite(got, want, f"{shape} {mask_mode} {direction}")
+
+
+@pytest.mark.parametrize("direction", ["q2d", "d2q", "both"])
+@pytest.mark.parametrize("mask_mode", ["exclude", "zero"])
+def test_dirty_padding_gives_the_clean_values_and_gradients(direction, mask_mode, engine_calls):
+    """Values and every gradient with NaN / inf padding equal those with clean padding (Triton forward and
+    Triton routing), and the padding gets zero gradients."""
+    import xloss
+
+    q, d, q_mask, d_mask, q_wt, d_wt = _public_inputs(15)
+
+    def run(q, d):
+        def f(q, d, q_wt, d_wt):
+            return xloss.maxsim(q, d, q_mask, d_mask, mask_mode=mask_mode, direction=direction,
+                                q_weights=q_wt if direction != "d2q" else None,
+                                d_weights=d_wt if direction != "q2d" else None, backend="triton")
+        return _grads(f, (q, d, q_wt, d_wt))
+
+    out, grads = run(q, d)
+    d_out, d_grads = run(*_dirty(q, d, q_mask, d_mask))
+    torch.testing.assert_close(d_out, out, rtol=0, atol=0)
+    for g, dg in zip(grads, d_grads):
+        if g is None:
+            assert dg is None
+            continue
+        assert torch.isfinite(dg).all()
+        torch.testing.assert_close(dg, g, rtol=1e-6, atol=1e-6)  # the atomic scatter's order may differ
+    assert (d_grads[0][~q_mask] == 0).all() and (d_grads[1][~d_mask] == 0).all()

@@ -95,7 +95,12 @@ def _check(sim, text_weight, video_weight, text_mask, video_mask, num_samples, m
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
-    """One int64 seed from ``generator`` (on its device), or from torch's default CPU generator."""
+    """One int64 seed from ``generator`` (on its device), or from torch's default CPU generator.
+
+    The seed is a Python int (the kernels take it by value), so it is read back: from CPU memory for the default
+    generator or a CPU one (no device sync), from the device for a CUDA generator (one sync per call; pass a CPU
+    generator, or explicit ``coalitions``, inside a CUDA graph).
+    """
     if generator is None:
         return int(torch.randint(0, 2**62, (1,)).item())
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
@@ -147,8 +152,11 @@ def banzhaf_interaction(
             coalitions differ from the engines').
 
     Returns:
-        ``[B, T, V]`` in sim's dtype (computed in fp32, fp64 for fp64), zero outside ``text_mask ⊗ video_mask``,
-        not requiring grad (a distillation target; inputs that require grad are detached).
+        ``[B, T, V]`` in sim's dtype (computed in fp32, fp64 for fp64), exactly zero outside
+        ``text_mask ⊗ video_mask``, not requiring grad (a distillation target; inputs that require grad are
+        detached).  Non-finite values follow the definition on every backend: ``L̄`` is sim on the coalition
+        and exactly 0 elsewhere, so a NaN or inf reaches exactly the values whose coalitions hold it (a NaN
+        in a max is the max), and padded positions of sim and the weights never influence anything.
 
     Raises:
         TypeError, ValueError: bad arguments (the message names the argument and the shapes).

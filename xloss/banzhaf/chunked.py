@@ -3,7 +3,9 @@
 
 It evaluates the four coalition values of SPEC.md §6 for a chunk of (i, j, sample) triples of every batch row
 at once, on ``[B, n, T, V]`` masked grids (so ``n`` is chosen to keep that grid under ``CHUNK_ELEMENTS``), as
-HBI's loop does for one triple, and accumulates with ``index_add_``.
+HBI's loop does for one triple, and accumulates with ``index_add_``.  The grids are ``where``s (sim on the
+coalition, exactly 0 elsewhere), so NaN and inf reach exactly the values whose coalition holds them, as in the
+reference, and padded positions never do.
 
 The coalition bits are the compiled op's counter-based bits (``xloss/csrc/banzhaf.h``), re-implemented with
 int64 tensor ops whose intermediate products stay below 2**49, so that a seed draws the same coalitions on every
@@ -95,6 +97,7 @@ def banzhaf_interaction(sim: torch.Tensor, p: torch.Tensor, q: torch.Tensor, tex
     dev = sim.device
     acc = torch.float64 if sim.dtype == torch.float64 else torch.float32
     L, p, q = sim.to(acc), p.to(acc), q.to(acc)
+    zero = torch.zeros((), dtype=acc, device=dev)
     key = make_key(seed)
     n_triples = t_len * v_len * num_samples
     chunk = max(1, CHUNK_ELEMENTS // (b * t_len * v_len))
@@ -116,7 +119,7 @@ def banzhaf_interaction(sim: torch.Tensor, p: torch.Tensor, q: torch.Tensor, tex
         grid = L[:, None]  # [B, 1, T, V]
 
         def value(mt, mv, grid=grid):
-            masked = grid * mt[..., :, None].to(acc) * mv[..., None, :].to(acc)
+            masked = torch.where(mt[..., :, None] & mv[..., None, :], grid, zero)  # exactly 0 off the coalition
             return masked, _softmax_in(p[:, None], mt), _softmax_in(q[:, None], mv)
 
         masked, wt, wv = value(in_t, in_v)
@@ -133,4 +136,4 @@ def banzhaf_interaction(sim: torch.Tensor, p: torch.Tensor, q: torch.Tensor, tex
             f_ij = _combine(*value(in_ti, in_vj))
         out.index_add_(1, i * v_len + j, f_ij - f_i - f_j + f_s)
     out = out.reshape(b, t_len, v_len) / num_samples
-    return (out * (text_mask[:, :, None] & video_mask[:, None, :])).to(sim.dtype)
+    return torch.where(text_mask[:, :, None] & video_mask[:, None, :], out, zero).to(sim.dtype)

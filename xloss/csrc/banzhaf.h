@@ -45,9 +45,18 @@ XLOSS_HD uint32_t word(Key key, uint64_t n) {
   return mix32(mix32(static_cast<uint32_t>(n) ^ key.k1) ^ static_cast<uint32_t>(n >> 32) ^ key.k2);
 }
 
+// The max of two values with NaN propagating from either side (as torch's max/amax, and the reference): the
+// plain `a > b ? a : b` would drop a NaN in `a`.
 template <typename T>
 XLOSS_HD T max_(T a, T b) {
-  return a > b ? a : b;
+  return (a != a || a > b) ? a : b;
+}
+
+// A strict weak order for sorting by value, largest first, with NaN before everything (a NaN is the max of any
+// set that holds it).  A bare `>` is no strict weak order once NaN is there (std::sort's precondition).
+template <typename T>
+XLOSS_HD bool before(T x, T y) {
+  return (x != x) ? (y == y) : x > y;
 }
 
 // The value of a max over a row (or column) of the masked grid: the entries of the coalition, plus a 0 when

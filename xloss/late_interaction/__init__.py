@@ -34,7 +34,7 @@ from .._api import renamed
 from .._autograd import first_order_only
 from .._reduce import reduce_terms
 from .._tiling import accumulation_dtype
-from ..reference.late_interaction import cross_entropy_terms, token_weights
+from ..reference.late_interaction import cross_entropy_terms, token_weights, zero_padding
 from . import ops as _ops
 
 FAMILY = "late_interaction"
@@ -54,6 +54,8 @@ class MaxSimOptions:
     engine: str = "chunked"  # "chunked" | "triton" (see xloss._dispatch); aligned pairs: "chunked" only
     pairs: bool = False  # query a against document a only: ``[N]`` scores
     need_aux: bool = True  # the engine returns the arg-max indices and maxima (False: nothing is saved)
+    q_masked: bool = True  # q_mask was given: masked-out query tokens may hold anything (NaN, inf)
+    d_masked: bool = True  # likewise d_mask
 
 
 class MaxSimFunction(torch.autograd.Function):
@@ -70,7 +72,8 @@ class MaxSimFunction(torch.autograd.Function):
     def forward(ctx, q, d, q_w, d_w, q_valid, d_valid, options: MaxSimOptions):
         o = options
         s_q2d, s_d2q, idx_q2d, val_q2d, idx_d2q, val_d2q = _ops.forward(
-            q, d, q_w, d_w, q_valid, d_valid, o.zero_mode, o.q2d, o.d2q, o.engine, o.pairs, o.need_aux
+            q, d, q_w, d_w, q_valid, d_valid, o.zero_mode, o.q2d, o.d2q, o.engine, o.pairs, o.need_aux,
+            o.q_masked, o.d_masked,
         )
         ctx.set_materialize_grads(False)
         ctx.options = o
@@ -87,13 +90,53 @@ class MaxSimFunction(torch.autograd.Function):
     def backward(ctx, g_q2d, g_d2q):
         q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q, val_d2q = ctx.saved_tensors
         o = ctx.options
+        # The padding contract: the routing's products (a sparse matrix times the token rows) would carry
+        # 0·NaN from masked-out embeddings into valid tokens' gradients, so they are zeros here.  Only here:
+        # no forward reads them into a result, and nothing is copied before a backward needs it.
+        q = zero_padding(q, q_valid) if o.q_masked else q
+        d = zero_padding(d, d_valid) if o.d_masked else d
         grads = _ops.backward(g_q2d if o.q2d else None, g_d2q if o.d2q else None, q, d, q_w, d_w, q_valid, d_valid,
                               idx_q2d, val_q2d, idx_d2q, val_d2q, o.zero_mode, o.q2d, o.d2q, o.engine, o.pairs,
                               ctx.needs_input_grad[:4])
         return (*grads, None, None, None)
 
 
+def _token_mask(name: str, mask, x: torch.Tensor, of: str):
+    """A token mask as bool (None stays None).  Bool, or 0/1 of any integer or floating-point dtype (PyLate
+    passes float and int64 masks), converted with ``!= 0``; any other value is refused by a value check that
+    is a device-side assert on CUDA (no host sync), a ValueError on the CPU."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {tuple(x.shape[:2])} (bool, or 0/1 of an integer "
+                        f"or floating-point dtype; True = valid token) or None, got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool, or 0/1 of an integer or floating-point dtype, got {mask.dtype}")
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    _checks.check_token_mask(name, valid, tuple(x.shape[:2]), x.device, of)
+    if mask.dtype != torch.bool:
+        _checks._value_check(((mask == 0) | (mask == 1)).all(),
+                             f"{name} must hold only 0 and 1 (1 = valid token) when it is not bool")
+    return valid
+
+
+def _batch_of_one(q, q_mask, q_weights):
+    """A single query ``[Lq, D]`` (flash-maxsim's ``flash_maxsim(Q, D)`` takes one) as a batch of one, with its
+    ``[Lq]`` mask and weights; ``(q, q_mask, q_weights, single)``, unchanged unless q is 2-D."""
+    if not (isinstance(q, torch.Tensor) and q.dim() == 2):
+        return q, q_mask, q_weights, False
+
+    def lift(t):
+        return t.unsqueeze(0) if isinstance(t, torch.Tensor) and t.dim() == 1 else t
+
+    return q.unsqueeze(0), lift(q_mask), lift(q_weights), True
+
+
 def _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction):
+    """Check every argument; returns the masks as bool (None where not given)."""
+    if isinstance(d, torch.Tensor) and d.dim() == 2:
+        raise ValueError(f"d must be 3-D [Nd, Ld, D], got shape {tuple(d.shape)}: pass one document as d[None] "
+                         "(a 2-D d is not read as packed tokens, as flash-maxsim's packed layout is)")
     _checks.check_float_tensor("q", q, ndim=3)
     _checks.check_float_tensor("d", d, ndim=3)
     _checks.check_same_dtype_device(q=q, d=d)
@@ -101,10 +144,8 @@ def _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d
         raise ValueError(
             f"q and d must have the same feature dimension D (last dim), got q {tuple(q.shape)} and d {tuple(d.shape)}"
         )
-    if q_mask is not None:
-        _checks.check_token_mask("q_mask", q_mask, tuple(q.shape[:2]), q.device, "q")
-    if d_mask is not None:
-        _checks.check_token_mask("d_mask", d_mask, tuple(d.shape[:2]), d.device, "d")
+    q_mask = _token_mask("q_mask", q_mask, q, "q")
+    d_mask = _token_mask("d_mask", d_mask, d, "d")
     if q_weights is not None:
         _checks.check_token_weights("q_weights", q_weights, tuple(q.shape[:2]), q.device, "q")
     if d_weights is not None:
@@ -116,6 +157,16 @@ def _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d
         raise ValueError("d_weights weight the document→query sum: use direction='d2q' or 'both', or drop them")
     if direction == "d2q" and q_weights is not None:
         raise ValueError("q_weights weight the query→document sum: use direction='q2d' or 'both', or drop them")
+    return q_mask, d_mask
+
+
+def _check_scale_device(device: torch.device, **scales) -> None:
+    """A meta scale holds no value: it cannot scale real inputs (copying it raises a message that names
+    nothing), so refuse it by name.  Meta inputs with a meta scale propagate shapes as usual."""
+    for name, value in scales.items():
+        if isinstance(value, torch.Tensor) and value.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"{name} is a meta tensor (it holds no value) but q is on {device}: pass a float or "
+                             f"a tensor on {device}")
 
 
 def _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction, engine: str,
@@ -128,7 +179,8 @@ def _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_
     q_w = token_weights(q_valid, q_weights if q2d else None, token_reduction, acc)
     d_w = token_weights(d_valid, d_weights, token_reduction, acc) if d2q else None
     need_aux = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, d, q_w, d_w))
-    options = MaxSimOptions(mask_mode == "zero", q2d, d2q, engine, pairs, need_aux)
+    options = MaxSimOptions(mask_mode == "zero", q2d, d2q, engine, pairs, need_aux, q_mask is not None,
+                            d_mask is not None)
     s_q2d, s_d2q = MaxSimFunction.apply(q, d, q_w, d_w, q_valid, d_valid, options)
     return (s_q2d if q2d else None), (s_d2q if d2q else None)
 
@@ -163,9 +215,15 @@ def maxsim(
     ``"both"``: ``½(S^{q2d} + S^{d2q})``, HBI's weighted token interaction when weights are given.
 
     Args:
-        q: ``[Nq, Lq, D]`` query tokens, float32/float16/bfloat16/float64.
-        d: ``[Nd, Ld, D]`` document tokens, same dtype and device.
-        q_mask, d_mask: bool ``[Nq, Lq]``, ``[Nd, Ld]`` (True = valid token); None = all valid.
+        q: ``[Nq, Lq, D]`` query tokens, float32/float16/bfloat16/float64; or one query ``[Lq, D]`` (as
+            flash-maxsim's ``flash_maxsim(Q, D)``), scored as a batch of one: the result is then ``[Nd]``.
+        d: ``[Nd, Ld, D]`` document tokens, same dtype and device (one document: ``d[None]``).
+        q_mask, d_mask: ``[Nq, Lq]``, ``[Nd, Ld]`` (``[Lq]`` for a 2-D q), True or 1 = valid token; bool, or
+            0/1 of any integer or floating-point dtype (PyLate's float masks); None = all valid.  Masked-out
+            tokens never influence anything, whatever their embeddings and weights hold (NaN, inf): they are
+            replaced by zeros, add exactly 0 to their side's sum and get zero gradients; on the other side
+            they never win (``"exclude"``) or score exactly 0 (``"zero"``).  Between valid tokens NaN and inf
+            propagate as in the definition (the reference), on every engine.
         token_reduction: ``"sum"`` over valid tokens (ColBERT) or ``"mean"`` (FILIP).  With weights,
             ``"mean"`` divides the weighted sum by the number of valid tokens: ``Σ_t w_t·max / |valid|``.
             (``reduction=`` is its deprecated old name, accepted for one release with a DeprecationWarning.)
@@ -180,17 +238,22 @@ def maxsim(
             ``"cpu"``; runs on any device) or ``"reference"`` (the naive definition).
 
     Returns:
-        ``[Nq, Nd]`` scores, float32 for half inputs, float64 for float64 inputs.  Ties in a max go to the
-        lowest index (``torch.max``), and so does the gradient.
+        ``[Nq, Nd]`` scores (``[Nd]`` for a 2-D q), float32 for half inputs, float64 for float64 inputs.  Ties
+        in a max go to the lowest index (``torch.max``; a NaN similarity is the max), and so does the gradient.
     """
-    _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction)
+    q, q_mask, q_weights, single = _batch_of_one(q, q_mask, q_weights)
+    q_mask, d_mask = _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
+                                   direction)
     name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype)
     if name == "reference":
-        return _reference.maxsim(q, d, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
-                                 q_weights=q_weights, d_weights=d_weights, direction=direction)
-    s_q2d, s_d2q = _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction,
-                                name, pairs=False)
-    return _combine(s_q2d, s_d2q, direction)
+        s = _reference.maxsim(q, d, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
+                              q_weights=q_weights, d_weights=d_weights, direction=direction
+                              ).to(accumulation_dtype(q.dtype))  # float32 for half inputs, as the engines
+    else:
+        s_q2d, s_d2q = _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
+                                    direction, name, pairs=False)
+        s = _combine(s_q2d, s_d2q, direction)
+    return s[0] if single else s
 
 
 @renamed(reduction="token_reduction")
@@ -209,11 +272,12 @@ def maxsim_pairs(
 ) -> torch.Tensor:
     """Aligned-pair scores ``[N]``: query a against document a only (reranking, distillation).
 
-    The same options and formulas as :func:`maxsim` with ``Nq == Nd == N``; ``O(N·Lq·Ld·D)`` work in chunked
-    ``bmm``s (the chunked engine on every device, whatever the backend; ``backend="reference"`` runs the naive
+    The same options, formulas and padding contract as :func:`maxsim` with ``Nq == Nd == N`` (q and d 3-D);
+    ``O(N·Lq·Ld·D)`` work in chunked ``bmm``s (the chunked engine on every device, whatever the backend; ``backend="reference"`` runs the naive
     definition).
     """
-    _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction)
+    q_mask, d_mask = _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
+                                   direction)
     if q.shape[0] != d.shape[0]:
         raise ValueError(
             f"maxsim_pairs scores query a against document a: q and d need the same number of rows, got "
@@ -222,7 +286,8 @@ def maxsim_pairs(
     name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype)
     if name == "reference":
         return _reference.maxsim_pairs(q, d, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
-                                       q_weights=q_weights, d_weights=d_weights, direction=direction)
+                                       q_weights=q_weights, d_weights=d_weights, direction=direction
+                                       ).to(accumulation_dtype(q.dtype))
     s_q2d, s_d2q = _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction,
                                 "chunked", pairs=True)  # only the chunked engine has the aligned-pair sweeps
     return _combine(s_q2d, s_d2q, direction)
@@ -255,8 +320,10 @@ def late_interaction_loss(
     same similarity tiles.  Equal to ``xloss.reference.late_interaction_loss``.
 
     Args:
-        q, d, q_mask, d_mask, mask_mode, q_weights, d_weights, backend: as :func:`maxsim`.
+        q, d, q_mask, d_mask, mask_mode, q_weights, d_weights, backend: as :func:`maxsim` (a 2-D q is a batch
+            of one query; masks bool or 0/1; masked-out tokens never influence anything).
         logit_scale: multiplicative scale ``s``: a float or a 0-dim tensor (gets a gradient).  ColBERT uses 1.
+            A meta tensor only goes with meta inputs (ValueError naming it otherwise).
         temperature: ``τ``, the same as ``logit_scale=1/τ``; give exactly one of the two.
         labels: ``[Nq]`` integer index of each query's positive document; default ``arange(Nq)``.
         direction: ``"q2d"``, ``"d2q"`` or ``"both"``.
@@ -272,7 +339,9 @@ def late_interaction_loss(
     _checks.check_choice("direction", direction, DIRECTIONS)
     if token_reduction is None:
         token_reduction = "sum" if direction == "q2d" else "mean"
-    _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction)
+    q, q_mask, q_weights, _ = _batch_of_one(q, q_mask, q_weights)
+    q_mask, d_mask = _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
+                                   direction)
     nq, nd = q.shape[0], d.shape[0]
     _checks.check_positives(labels, nq, nd, q.device, "q", "d", "document")
     _checks.check_label_smoothing(label_smoothing)
@@ -280,14 +349,16 @@ def late_interaction_loss(
     if logit_scale is None and temperature is None:
         raise TypeError("late_interaction_loss() needs a scale: pass logit_scale= (ColBERT uses 1.0) or "
                         "temperature= (logit_scale = 1/temperature)")
+    _check_scale_device(q.device, logit_scale=logit_scale, temperature=temperature)
     scale = _checks.resolve_scale(logit_scale, temperature, q.device)
     name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype)
     if name == "reference":
+        # int64 labels (a uint8 tensor would index as a mask) and a float32 result for half inputs, as the engines
         return _reference.late_interaction_loss(
-            q, d, q_mask, d_mask, logit_scale=scale, labels=labels, direction=direction, mask_mode=mask_mode,
-            token_reduction=token_reduction, q_weights=q_weights, d_weights=d_weights,
-            label_smoothing=label_smoothing, reduction=reduction,
-        )
+            q, d, q_mask, d_mask, logit_scale=scale, labels=None if labels is None else labels.long(),
+            direction=direction, mask_mode=mask_mode, token_reduction=token_reduction, q_weights=q_weights,
+            d_weights=d_weights, label_smoothing=label_smoothing, reduction=reduction,
+        ).to(accumulation_dtype(q.dtype))
     s_q2d, s_d2q = _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
                                 direction, name, pairs=False)
     acc = (s_q2d if s_q2d is not None else s_d2q).dtype

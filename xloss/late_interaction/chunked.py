@@ -10,10 +10,15 @@ backward sweeps are the shared torch routing of ``backward.py``.
 * query→document (``q2d``): max over the document tokens (last dim), ``s_q2d = Σ_t q_w·max``;
 * document→query (``d2q``): max over the query tokens (dim 1), ``s_d2q = Σ_v d_w·max``;
 
-both from the same tile when both are asked.  Masks cost no pass over the tile: in ``exclude`` mode an
-additive ``-inf`` bias on the invalid tokens of the other side (fused into the GEMM by ``addmm``), in ``zero``
-mode the invalid token embeddings are zeroed once beforehand, so their similarities are exactly 0 and still
-compete (PyLate ``colbert_scores``).  Ties go to the lowest index (``torch.max``).
+both from the same tile when both are asked.  Masks are one ``masked_fill_`` of the tile per direction: the
+masked-out tokens of the other side become ``-inf`` in ``exclude`` mode (they never win) and exactly 0 in
+``zero`` mode (they score 0 and still compete, PyLate ``colbert_scores``); a fill rather than an additive bias
+or zeroed embeddings, because ``inf·0`` and ``NaN + (-inf)`` are NaN.  A masked-out token of the weighted side
+then gets value 0 and index -1, whatever its row of the tile held.  Between valid tokens NaN and inf propagate
+as ``torch.max`` makes them (a NaN is the max, at the first NaN's index).  Ties go to the lowest index.
+
+The backward's products (``backward.py``) get the masked-out embeddings as zeros (the autograd Function
+replaces them before it routes), so they never meet ``0·NaN`` either.
 
 The tile size comes from a memory budget, ``XLOSS_CPU_TILE_MB`` (default 8 MiB here: a tile that stays in
 the L2/L3 cache is faster than a big one).  Half-precision inputs are computed in fp32, fp64 stays fp64.
@@ -62,46 +67,40 @@ def tile_blocks(nq: int, lq: int, nd: int, ld: int, itemsize: int) -> tuple[int,
     return bq, bd
 
 
-def _zero_invalid(x: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> torch.Tensor:
-    """Token embeddings with the invalid tokens set to 0 (a copy), or x itself when all are valid."""
-    return x if all_valid else x * valid.unsqueeze(-1).to(x.dtype)
-
-
-def _bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 for valid tokens, -inf for invalid ones."""
-    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
-
-
-def _reduce(tile: torch.Tensor, dim: int, need_idx: bool, idx_dtype: torch.dtype):
-    """Max over ``dim`` (values, and the lowest arg-max when ``need_idx``); a value of -inf means that no
-    valid token was there: it becomes 0 and its index -1."""
+def _reduce(tile: torch.Tensor, dim: int, need_idx: bool):
+    """Max over ``dim`` (values, and the lowest arg-max when ``need_idx``): ``torch.max``, so a NaN is the max
+    (at the first NaN's index) and a row of -inf stays -inf."""
     if need_idx:
-        val, idx = torch.max(tile, dim)
-    else:
-        val, idx = torch.amax(tile, dim), None
-    empty = val == float("-inf")
-    val.masked_fill_(empty, 0)
-    if need_idx:
-        idx = idx.to(idx_dtype).masked_fill_(empty, -1)
+        return torch.max(tile, dim)
+    return torch.amax(tile, dim), None
+
+
+def _settle(val, idx, keep: torch.Tensor, idx_dtype: torch.dtype):
+    """Value 0 and index -1 outside ``keep`` (a masked-out token of the weighted side, or one with no valid
+    token to take a max over), whatever the tile held there."""
+    val = val.masked_fill_(~keep, 0)
+    if idx is not None:
+        idx = idx.to(idx_dtype).masked_fill_(~keep, -1)
     return val, idx
 
 
-def _prepare(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool):
-    """What both forwards need before their tiles: inputs and weights in the accumulation dtype, and the masks
-    as zeroed embeddings (zero mode) or as ``-inf`` biases ``[Nd, Ld]`` / ``[Nq, Lq]`` (exclude mode; None
-    where every token is valid or the direction is not asked)."""
+def _has_candidates(valid: torch.Tensor, zero_mode: bool) -> torch.Tensor:
+    """``[N]``: whether an entity offers the other side's tokens anything to take a max over (any valid token;
+    in zero mode its invalid tokens score 0 and compete, so always)."""
+    return torch.ones(valid.shape[0], dtype=torch.bool, device=valid.device) if zero_mode else valid.any(1)
+
+
+def _prepare(q, d, q_w, d_w, zero_mode: bool, q2d: bool, d2q: bool):
+    """Inputs and weights in the accumulation dtype, and the value that masked-out tokens of the other side
+    take in a tile: ``-inf`` (never win) or, in zero mode, exactly 0.
+
+    The masks are applied to every tile with ``masked_fill_`` (not an additive bias, not by zeroing the
+    embeddings: ``inf·0`` and ``NaN - inf`` are NaN) for each side that had a mask, whether or not it masks
+    anything (no value is read back to the host to find out).
+    """
     acc = accumulation_dtype(q.dtype)
-    qf, df = upcast(q), upcast(d)
-    q_all, d_all = bool(q_valid.all()), bool(d_valid.all())
-    bias_v = bias_t = None
-    if zero_mode:
-        qf, df = _zero_invalid(qf, q_valid, q_all), _zero_invalid(df, d_valid, d_all)
-    else:
-        if q2d and not d_all:
-            bias_v = _bias(d_valid, acc)  # invalid document tokens never win
-        if d2q and not q_all:
-            bias_t = _bias(q_valid, acc)  # invalid query tokens never win
-    return qf, df, (q_w.to(acc) if q2d else None), (d_w.to(acc) if d2q else None), bias_v, bias_t
+    fill = 0.0 if zero_mode else float("-inf")
+    return upcast(q), upcast(d), (q_w.to(acc) if q2d else None), (d_w.to(acc) if d2q else None), fill
 
 
 _OP = "maxsim_q2d"
@@ -130,7 +129,8 @@ def _op_fwd(q, d, q_w, q_valid, d_valid, zero_mode: bool, pairs: bool, need_aux:
     return s, (idx if need_aux else None), (val if need_aux else None), None, None, None
 
 
-def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *, need_aux: bool = True):
+def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *, need_aux: bool = True,
+               q_masked: bool = True, d_masked: bool = True):
     """Late-interaction scores of every query against every document, tile by tile.
 
     Args:
@@ -143,15 +143,16 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
         q2d, d2q: which directions to compute.
         need_aux: also return the arg-max indices and max values (for backward); False returns None for them
             and skips the index search.
+        q_masked, d_masked: whether that side's mask may mask anything (False: all valid, so the tiles are
+            not filled for it).
 
     Returns:
         ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)``, None for a direction not asked:
         ``s_q2d [Nq, Nd]`` (accumulation dtype) ``= Σ_t q_w[a,t]·val_q2d[a,b,t]``; ``val_q2d [Nq, Nd, Lq]`` the
-        max over document tokens (0 when none is valid in exclude mode); ``idx_q2d [Nq, Nd, Lq]`` int16 its
-        arg-max (lowest on ties, -1 when none is valid in exclude mode).  ``d2q``: the same with
-        ``[Nq, Nd, Ld]`` tensors, the max over query tokens for each document token, weighted by ``d_w``.
-        In exclude mode with both directions, entries of a direction at its own invalid tokens (zero weight)
-        are 0 / -1.
+        max over document tokens; ``idx_q2d [Nq, Nd, Lq]`` int16 its arg-max (lowest on ties, the first NaN
+        when there is one).  Value 0 and index -1 at a masked-out query token, and where no document token is
+        valid (exclude mode).  ``d2q``: the same with ``[Nq, Nd, Ld]`` tensors, the max over query tokens for
+        each document token, weighted by ``d_w``.
     """
     if _use_op(q, q2d, d2q):
         return _op_fwd(q, d, q_w, q_valid, d_valid, zero_mode, False, need_aux)
@@ -159,9 +160,9 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
     dev = q.device
     nq, lq, dim = q.shape
     nd, ld, _ = d.shape
-    qf, df, q_w, d_w, bias_v, bias_t = _prepare(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q)
-    bias_v = None if bias_v is None else bias_v.reshape(1, nd * ld)
-    bias_t = None if bias_t is None else bias_t.reshape(nq * lq, 1)
+    qf, df, q_w, d_w, fill = _prepare(q, d, q_w, d_w, zero_mode, q2d, d2q)
+    q_bad, d_bad = ~q_valid.reshape(nq * lq, 1), ~d_valid.reshape(1, nd * ld)
+    has_q, has_d = _has_candidates(q_valid, zero_mode), _has_candidates(d_valid, zero_mode)
     qflat, dflat = qf.reshape(nq * lq, dim), df.reshape(nd * ld, dim)
 
     s_q2d = torch.empty(nq, nd, dtype=acc, device=dev) if q2d else None
@@ -184,22 +185,24 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
             b1 = min(nd, b0 + bd)
             nb = b1 - b0
             tile = buf[: na * lq * nb * ld].view(na * lq, nb * ld)
-            d_blk_t = dflat[b0 * ld: b1 * ld].T
-            if bias_v is not None:
-                torch.addmm(bias_v[:, b0 * ld: b1 * ld], q_blk, d_blk_t, out=tile)
-            else:
-                torch.mm(q_blk, d_blk_t, out=tile)
-            if bias_t is not None:
-                tile.add_(bias_t[a0 * lq: a1 * lq])
+            torch.mm(q_blk, dflat[b0 * ld: b1 * ld].T, out=tile)
+            if q2d and d_masked:  # masked-out document tokens never win (zero mode: score exactly 0)
+                tile.masked_fill_(d_bad[:, b0 * ld: b1 * ld], fill)
+            if d2q and q_masked:  # masked-out query tokens likewise, for the max over query tokens
+                tile.masked_fill_(q_bad[a0 * lq: a1 * lq], fill)
             t4 = tile.view(na, lq, nb, ld)
             if q2d:
-                val, idx = _reduce(t4, 3, need_aux, index_dtype(ld))  # [na, lq, nb]
+                val, idx = _reduce(t4, 3, need_aux)  # [na, lq, nb]
+                keep = q_valid[a0:a1, :, None] & has_d[None, None, b0:b1]
+                val, idx = _settle(val, idx, keep, index_dtype(ld))
                 s_q2d[a0:a1, b0:b1] = torch.bmm(q_w[a0:a1, None, :], val)[:, 0]
                 if need_aux:
                     val_q2d[a0:a1, b0:b1] = val.transpose(1, 2)
                     idx_q2d[a0:a1, b0:b1] = idx.transpose(1, 2)
             if d2q:
-                val, idx = _reduce(t4, 1, need_aux, index_dtype(lq))  # [na, nb, ld]
+                val, idx = _reduce(t4, 1, need_aux)  # [na, nb, ld]
+                keep = d_valid[None, b0:b1, :] & has_q[a0:a1, None, None]
+                val, idx = _settle(val, idx, keep, index_dtype(lq))
                 s_d2q[a0:a1, b0:b1] = (val * d_w[None, b0:b1]).sum(2)
                 if need_aux:
                     val_d2q[a0:a1, b0:b1] = val
@@ -208,7 +211,7 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
 
 
 def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *,
-                     need_aux: bool = True):
+                     need_aux: bool = True, q_masked: bool = True, d_masked: bool = True):
     """Aligned pairs: query a against document a only (``Nq == Nd == N``), chunked ``bmm``s of ``[n, Lq, Ld]``.
 
     Arguments as :func:`maxsim_fwd`.  Returns ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)`` with
@@ -220,9 +223,9 @@ def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: boo
     dev = q.device
     n, lq, _ = q.shape
     ld = d.shape[1]
-    qf, df, q_w, d_w, bias_v, bias_t = _prepare(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q)
-    bias_v = None if bias_v is None else bias_v[:, None, :]  # [N, 1, Ld]
-    bias_t = None if bias_t is None else bias_t[:, :, None]  # [N, Lq, 1]
+    qf, df, q_w, d_w, fill = _prepare(q, d, q_w, d_w, zero_mode, q2d, d2q)
+    q_bad, d_bad = ~q_valid[:, :, None], ~d_valid[:, None, :]  # [N, Lq, 1], [N, 1, Ld]
+    has_q, has_d = _has_candidates(q_valid, zero_mode), _has_candidates(d_valid, zero_mode)
     s_q2d = torch.empty(n, dtype=acc, device=dev) if q2d else None
     s_d2q = torch.empty(n, dtype=acc, device=dev) if d2q else None
     idx_q2d = val_q2d = idx_d2q = val_d2q = None
@@ -237,19 +240,20 @@ def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: boo
     for a0 in range(0, n, rows):
         a1 = min(n, a0 + rows)
         tile = buf[: (a1 - a0) * lq * ld].view(a1 - a0, lq, ld)
-        if bias_v is not None:
-            torch.baddbmm(bias_v[a0:a1], qf[a0:a1], df[a0:a1].transpose(1, 2), out=tile)
-        else:
-            torch.bmm(qf[a0:a1], df[a0:a1].transpose(1, 2), out=tile)
-        if bias_t is not None:
-            tile.add_(bias_t[a0:a1])
+        torch.bmm(qf[a0:a1], df[a0:a1].transpose(1, 2), out=tile)
+        if q2d and d_masked:
+            tile.masked_fill_(d_bad[a0:a1], fill)
+        if d2q and q_masked:
+            tile.masked_fill_(q_bad[a0:a1], fill)
         if q2d:
-            val, idx = _reduce(tile, 2, need_aux, index_dtype(ld))  # [n, lq]
+            val, idx = _reduce(tile, 2, need_aux)  # [n, lq]
+            val, idx = _settle(val, idx, q_valid[a0:a1] & has_d[a0:a1, None], index_dtype(ld))
             s_q2d[a0:a1] = (val * q_w[a0:a1]).sum(1)
             if need_aux:
                 val_q2d[a0:a1], idx_q2d[a0:a1] = val, idx
         if d2q:
-            val, idx = _reduce(tile, 1, need_aux, index_dtype(lq))  # [n, ld]
+            val, idx = _reduce(tile, 1, need_aux)  # [n, ld]
+            val, idx = _settle(val, idx, d_valid[a0:a1] & has_q[a0:a1, None], index_dtype(lq))
             s_d2q[a0:a1] = (val * d_w[a0:a1]).sum(1)
             if need_aux:
                 val_d2q[a0:a1], idx_d2q[a0:a1] = val, idx

@@ -5,9 +5,10 @@ there is one path: Dynamo and AOTAutograd see two opaque ops (with fakes that de
 and arguments) instead of the engines' Python tile loops.  The token weights before and the cross-entropy
 after are plain torch ops, traced as usual.
 
-* ``xloss::maxsim_forward(q, d, q_w, d_w?, q_valid, d_valid, zero_mode, q2d, d2q, engine, pairs, need_aux)``
-  → ``(s_q2d, s_d2q, idx_q2d, val_q2d, idx_d2q, val_d2q)``: the engine's ``maxsim_fwd`` (``pairs``: its
-  ``maxsim_pairs_fwd``, aligned pairs, ``[N]`` scores).  A direction not asked, or the arg-max indices and
+* ``xloss::maxsim_forward(q, d, q_w, d_w?, q_valid, d_valid, zero_mode, q2d, d2q, engine, pairs, need_aux,
+  q_masked, d_masked)`` → ``(s_q2d, s_d2q, idx_q2d, val_q2d, idx_d2q, val_d2q)``: the engine's ``maxsim_fwd``
+  (``pairs``: its ``maxsim_pairs_fwd``, aligned pairs, ``[N]`` scores); ``q_masked``/``d_masked``: a mask was
+  given for that side (else it is all valid and an engine may skip applying it).  A direction not asked, or the arg-max indices and
   maxima without ``need_aux``, are empty tensors (custom ops cannot return None).
 * ``xloss::maxsim_backward(g_q2d?, g_d2q?, q, d, q_w, d_w?, q_valid, d_valid, idx/val ..., zero_mode, q2d,
   d2q, engine, pairs, need_q, need_d, need_qw, need_dw)`` → ``(grad_q, grad_d, grad_q_w, grad_d_w)``: the
@@ -54,12 +55,13 @@ def _fwd_meta(q, d, q2d, d2q, pairs, need_aux):
 @torch.library.custom_op("xloss::maxsim_forward", mutates_args=())
 def maxsim_forward(
     q: Tensor, d: Tensor, q_w: Tensor, d_w: Tensor | None, q_valid: Tensor, d_valid: Tensor, zero_mode: bool,
-    q2d: bool, d2q: bool, engine: str, pairs: bool, need_aux: bool,
+    q2d: bool, d2q: bool, engine: str, pairs: bool, need_aux: bool, q_masked: bool = True, d_masked: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     eng = _engine(engine)
     fwd = eng.maxsim_pairs_fwd if pairs else eng.maxsim_fwd
     s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q = fwd(
-        q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, need_aux=need_aux
+        q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, need_aux=need_aux, q_masked=q_masked,
+        d_masked=d_masked,
     )
     outs = (s_q2d, s_d2q, idx_q2d, val_q2d, idx_d2q, val_d2q)
     metas = _fwd_meta(q, d, q2d, d2q, pairs, need_aux)
@@ -67,7 +69,8 @@ def maxsim_forward(
 
 
 @maxsim_forward.register_fake
-def _(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, engine, pairs, need_aux):
+def _(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, engine, pairs, need_aux, q_masked=True,
+      d_masked=True):
     return tuple(q.new_empty(shape, dtype=dt) for shape, dt in _fwd_meta(q, d, q2d, d2q, pairs, need_aux))
 
 
@@ -102,9 +105,10 @@ def _(g_q2d, g_d2q, q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q,
 
 
 def forward(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, engine: str, pairs: bool,
-            need_aux: bool):
+            need_aux: bool, q_masked: bool = True, d_masked: bool = True):
     """``(s_q2d, s_d2q, idx_q2d, val_q2d, idx_d2q, val_d2q)`` through the op (empty tensors where absent)."""
-    return maxsim_forward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, engine, pairs, need_aux)
+    return maxsim_forward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, engine, pairs, need_aux,
+                          q_masked, d_masked)
 
 
 def backward(g_q2d, g_d2q, q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q, val_d2q, zero_mode: bool,

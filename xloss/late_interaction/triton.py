@@ -17,12 +17,15 @@ kernel for the other side; see the "backward" section below):
   From that one tile:
 
   - the row direction (``ROW``, q2d when rows are queries): a running max and arg-max over the column tokens
-    per row token.  Masked columns are ``-inf`` (padding always; invalid tokens in exclude mode), invalid
-    tokens are ``0`` in zero mode.  Within a tile the arg-max is the lowest index among the equal maxima
-    (``min(where(sim == rowmax, v, BIG))``) and the running state only moves on a strictly greater tile max,
-    so ties go to the lowest index, as ``torch.max``.  After the document's last block: ``-inf`` (no valid
-    token) becomes value 0 / index −1, ``val``/``idx`` are stored for every row token and
-    ``s[a, b] = Σ_t w[a, t]·val[a, b, t]`` (a segmented sum over the packed rows).
+    per row token.  The candidates are the valid column tokens (exclude mode) or every column token, the
+    invalid ones replaced by exactly ``0`` (zero mode); padding never is one.  Within a tile the arg-max is
+    the lowest index among the equal maxima (``min(where(sim == rowmax, v, BIG))``) and the running state
+    only moves on a strictly greater tile max, so ties go to the lowest index, as ``torch.max``.  NaN is
+    tracked apart (the first NaN candidate's index; ``tl.max`` drops NaN on the GPU and keeps it in the
+    interpreter, so it never sees one) and wins, as in ``torch.max``.  After the document's last block, a
+    masked-out row token, or one without any candidate, gets value 0 / index −1; ``val``/``idx`` are stored
+    for every row token and ``s[a, b] = Σ_t w[a, t]·val[a, b, t]`` over the kept row tokens (a segmented
+    sum over the packed rows).
   - the column direction (``COL``, d2q when rows are queries), only when all ``Lx`` tokens fit one tile: the
     tile viewed as ``[BLOCK_A, T_PAD, BLOCK_V]`` gives, per query and document token, the max and arg-max
     over the query's tokens (invalid/padded rows masked the same way), stored at once for every ``(a, b, v)``,
@@ -99,11 +102,24 @@ _NO_INDEX = tl.constexpr(1 << 30)  # larger than any token index: the neutral el
 
 
 @triton.jit
+def _max_nan(a, b):
+    """The max that keeps NaN, as torch.max (the default of tl.maximum / tl.max drops it on the GPU)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _isnan(x):
+    """NaN test that the interpreter and the compiler both take (only NaN differs from itself)."""
+    return x != x  # noqa: PLR0124
+
+
+@triton.jit
 def _maxsim_kernel(
     x_ptr, y_ptr,  # [Nx, Lx, D], [Ny, Ly, D] fp32/fp16/bf16, unit stride along D: the row / column token sets
     wx_ptr,  # [Nx, Lx] fp32 contiguous: token weights of the row direction (ROW)
-    xv_ptr,  # [Nx, Lx] uint8 contiguous: row-token validity (COL)
-    yv_ptr,  # [Ny, Ly] uint8 contiguous: column-token validity (ROW)
+    xv_ptr,  # [Nx, Lx] uint8 contiguous: row-token validity
+    yv_ptr,  # [Ny, Ly] uint8 contiguous: column-token validity
+    hx_ptr, hy_ptr,  # [Nx], [Ny] uint8: the entity offers the other side a candidate (any valid token; zero mode: 1)
     wy_ptr,  # [Ny, Ly] fp32 contiguous: token weights of the column direction (COL)
     s_r_ptr, val_r_ptr, idx_r_ptr,  # ROW out: s [x, y] fp32; val fp32 / idx int16|32 [x, y, Lx], unit stride
     s_c_ptr, val_c_ptr, idx_c_ptr,  # COL out: the same with [x, y, Ly]
@@ -141,7 +157,13 @@ def _maxsim_kernel(
     if COL:
         # Row-token validity for the column direction (Lx <= T_PAD: the one token block is t_loc itself).
         xv = tl.load(xv_ptr + a_row * Lx + t_loc, mask=a_row_ok & (t_loc < Lx), other=0) != 0  # [BLOCK_M]
+        if ZERO_MODE:  # every existing row token competes (invalid ones as 0); padded rows never do
+            c_cand = t_loc < Lx
+        else:
+            c_cand = xv
+        x_found = tl.load(hx_ptr + a_blk, mask=a_blk_ok, other=0) != 0  # [BLOCK_A] some row candidate
         t_ar = tl.arange(0, T_PAD)[None, :, None]  # [1, T_PAD, 1] token index along the reshaped tile
+        cand3 = tl.reshape(c_cand.to(tl.int32), (BLOCK_A, T_PAD))[:, :, None] != 0  # [BLOCK_A, T_PAD, 1]
     b_lo = pid_b * docs_per_prog
     b_hi = tl.minimum(b_lo + docs_per_prog, Ny)
     for b in range(b_lo, b_hi):
@@ -151,6 +173,8 @@ def _maxsim_kernel(
             t_row = t0 + t_loc  # [BLOCK_M]
             row_ok = a_row_ok & (t_row < Lx)
             x_off = a_row * stride_xn + t_row * stride_xl  # [BLOCK_M] int64
+            # Running state of the row direction: the max (NaN once a NaN candidate was seen) and its arg-max
+            # (lowest on ties; the first NaN's); -1 until a candidate was seen.
             run_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             run_idx = tl.full([BLOCK_M], -1, dtype=tl.int32)
             for v0 in range(0, Ly, BLOCK_V):
@@ -171,47 +195,58 @@ def _maxsim_kernel(
                         y_c = tl.load(y_ptr + y_off[:, None] + offs_dc[None, :],
                                       mask=v_ok[:, None] & dc_ok[None, :], other=0.0)  # [BLOCK_V, BLOCK_D]
                         sim += tl.dot(x_c, tl.trans(y_c), input_precision=INPUT_PRECISION)
-                # sim: [BLOCK_M, BLOCK_V] fp32; masked rows/columns read zeros, so every entry is finite.
+                # sim: [BLOCK_M, BLOCK_V] fp32.  Padded rows/columns read zeros; valid tokens may hold inf or
+                # NaN, so masked entries are replaced (never multiplied), and the maxima keep NaN (_max_nan:
+                # tl.max drops it on the GPU), as torch.max does.
+                yv = tl.load(yv_ptr + b * Ly + offs_v, mask=v_ok, other=0) != 0  # [BLOCK_V]
                 if ROW:
-                    yv = tl.load(yv_ptr + b * Ly + offs_v, mask=v_ok, other=0) != 0  # [BLOCK_V]
-                    if ZERO_MODE:
-                        s_row = tl.where(v_ok[None, :], tl.where(yv[None, :], sim, 0.0), float("-inf"))
+                    if ZERO_MODE:  # invalid column tokens score exactly 0 and compete; padding never does
+                        cand = v_ok
+                        s_row = tl.where(cand[None, :], tl.where(yv[None, :], sim, 0.0), float("-inf"))
                     else:
-                        s_row = tl.where(yv[None, :], sim, float("-inf"))
-                    t_max = tl.max(s_row, 1)  # [BLOCK_M]
+                        cand = yv
+                        s_row = tl.where(cand[None, :], sim, float("-inf"))
+                    t_max = tl.reduce(s_row, 1, _max_nan)  # [BLOCK_M]
                     if AUX:
-                        t_arg = tl.min(tl.where(s_row == t_max[:, None], offs_v[None, :], _NO_INDEX), 1)
-                        upd = t_max > run_max  # strictly greater: lower indices keep ties; -inf never wins
+                        hit = (s_row == t_max[:, None]) | (_isnan(s_row) & _isnan(t_max)[:, None])
+                        t_arg = tl.min(tl.where(cand[None, :] & hit, offs_v[None, :], _NO_INDEX), 1)
+                        # Strictly greater keeps ties at lower indices; a first NaN takes over and stays; the
+                        # first candidate always counts (a max of -inf sits at its first token).
+                        upd = ((t_max > run_max) | (_isnan(t_max) & ~_isnan(run_max))
+                               | ((run_idx < 0) & (t_arg < _NO_INDEX)))
                         run_idx = tl.where(upd, t_arg, run_idx)
-                    run_max = tl.maximum(run_max, t_max)
+                    run_max = _max_nan(run_max, t_max)
                 if COL:
-                    if ZERO_MODE:  # padded rows never compete; invalid rows score 0
-                        s_col = tl.where((t_loc < Lx)[:, None], tl.where(xv[:, None], sim, 0.0),
-                                         float("-inf"))
+                    if ZERO_MODE:  # invalid rows score 0
+                        s_col = tl.where(c_cand[:, None], tl.where(xv[:, None], sim, 0.0), float("-inf"))
                     else:
-                        s_col = tl.where(xv[:, None], sim, float("-inf"))  # xv is False on padded rows
+                        s_col = tl.where(c_cand[:, None], sim, float("-inf"))
                     s3 = tl.reshape(s_col, (BLOCK_A, T_PAD, BLOCK_V))
-                    c_max = tl.max(s3, 1)  # [BLOCK_A, BLOCK_V]
-                    found = c_max > float("-inf")
-                    c_val = tl.where(found, c_max, 0.0)
+                    c_max = tl.reduce(s3, 1, _max_nan)  # [BLOCK_A, BLOCK_V]
+                    keep_c = yv[None, :] & x_found[:, None]  # own valid column token, some row candidate
+                    c_val = tl.where(keep_c, c_max, 0.0)
                     if AUX:
-                        c_arg = tl.min(tl.where(s3 == c_max[:, None, :], t_ar, _NO_INDEX), 1)
-                        c_arg = tl.where(found, c_arg, -1)
+                        hit3 = (s3 == c_max[:, None, :]) | (_isnan(s3) & _isnan(c_max)[:, None, :])
+                        c_arg = tl.min(tl.where(cand3 & hit3, t_ar, _NO_INDEX), 1)
+                        c_arg = tl.where(keep_c, c_arg, -1)
                         c_off = a_blk[:, None] * stride_vcx + b * stride_vcy + offs_v[None, :]  # [A, V] int64
                         c_mask = a_blk_ok[:, None] & v_ok[None, :]
                         tl.store(val_c_ptr + c_off, c_val, mask=c_mask)
                         tl.store(idx_c_ptr + c_off, c_arg.to(idx_c_ptr.dtype.element_ty), mask=c_mask)
                     wy = tl.load(wy_ptr + b * Ly + offs_v, mask=v_ok, other=0.0)  # [BLOCK_V]
-                    s_c += tl.sum(c_val * wy[None, :], 1)
+                    s_c += tl.sum(tl.where(keep_c, c_val * wy[None, :], 0.0), 1)
             if ROW:
-                found_r = run_max > float("-inf")
-                val = tl.where(found_r, run_max, 0.0)  # run_idx is still -1 where nothing was found
+                # A masked-out row token, or no candidate at all: value 0, index -1, nothing in the sum.
+                xr = tl.load(xv_ptr + a_row * Lx + t_row, mask=row_ok, other=0) != 0  # [BLOCK_M]
+                keep = xr & (tl.load(hy_ptr + b) != 0)
+                val = tl.where(keep, run_max, 0.0)
                 if AUX:
+                    idx = tl.where(keep, run_idx, -1)
                     r_off = a_row * stride_vrx + b * stride_vry + t_row  # [BLOCK_M] int64
                     tl.store(val_r_ptr + r_off, val, mask=row_ok)
-                    tl.store(idx_r_ptr + r_off, run_idx.to(idx_r_ptr.dtype.element_ty), mask=row_ok)
+                    tl.store(idx_r_ptr + r_off, idx.to(idx_r_ptr.dtype.element_ty), mask=row_ok)
                 wx = tl.load(wx_ptr + a_row * Lx + t_row, mask=row_ok, other=0.0)  # [BLOCK_M]
-                s_r += tl.sum(tl.reshape(wx * val, (BLOCK_A, T_PAD)), 1)
+                s_r += tl.sum(tl.reshape(tl.where(keep, wx * val, 0.0), (BLOCK_A, T_PAD)), 1)
         if ROW:
             tl.store(s_r_ptr + a_blk * stride_srx + b * stride_sry, s_r, mask=a_blk_ok)
         if COL:
@@ -234,17 +269,26 @@ def _target_programs(device: torch.device) -> int:
     return _common.device_programs(device, 8)
 
 
+def _has_candidates(valid: torch.Tensor, zero_mode: bool) -> torch.Tensor:
+    """uint8 ``[N]``: whether an entity offers the other side's tokens a candidate (any valid token; in zero
+    mode its invalid tokens compete as 0, so always), from the masks, never from a value."""
+    if zero_mode:
+        return torch.ones(valid.shape[0], dtype=torch.uint8, device=valid.device)
+    return valid.amax(1).contiguous()
+
+
 def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == 1 else t.contiguous()
 
 
-def _launch(x, y, wx, xv, yv, wy, zero_mode: bool, row: bool, col: bool, out_r, out_c, aux: bool):
+def _launch(x, y, wx, xv, yv, hx, hy, wy, zero_mode: bool, row: bool, col: bool, out_r, out_c, aux: bool):
     """One ``_maxsim_kernel`` sweep with ``x`` on the tile rows and ``y`` on the columns.
 
     ``out_r``/``out_c``: ``(s, val, idx)`` of the row / column direction, or None; ``s`` is indexed
     ``[x entity, y entity]`` and ``val``/``idx`` ``[x entity, y entity, token]`` through their strides (token
     stride 1), so a transposed view of a ``[Nq, Nd, ...]`` output lets rows be the documents.  ``aux``:
-    ``val``/``idx`` are tensors to fill (else None).
+    ``val``/``idx`` are tensors to fill (else None).  ``xv``/``yv``: uint8 token validity; ``hx``/``hy``: uint8
+    per entity, whether it offers the other side any candidate.
     """
     nx, lx, d = x.shape
     ny, ly = y.shape[0], y.shape[1]
@@ -270,7 +314,7 @@ def _launch(x, y, wx, xv, yv, wy, zero_mode: bool, row: bool, col: bool, out_r, 
     s_r, val_r, idx_r = out_r if row and aux else (out_r[0], dummy, dummy) if row else (dummy, dummy, dummy)
     s_c, val_c, idx_c = out_c if col and aux else (out_c[0], dummy, dummy) if col else (dummy, dummy, dummy)
     _maxsim_kernel[(row_blocks, split)](
-        x, y, wx if row else dummy, xv if col else yv, yv if row else xv, wy if col else dummy,
+        x, y, wx if row else dummy, xv, yv, hx, hy, wy if col else dummy,
         s_r, val_r, idx_r, s_c, val_c, idx_c,
         nx, ny, lx, ly, d,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
@@ -286,7 +330,7 @@ def _launch(x, y, wx, xv, yv, wy, zero_mode: bool, row: bool, col: bool, out_r, 
 
 
 def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *,
-               need_aux: bool = True):
+               need_aux: bool = True, q_masked: bool = True, d_masked: bool = True):
     """MaxSim scores, per-token maxima and arg-max indices of one or both directions, one sweep.
 
     Args:
@@ -298,6 +342,7 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
         q2d, d2q: which directions to compute.
         need_aux: also return the arg-max indices and max values (for the backward); False returns None for
             them, and the kernel neither searches nor stores them (forward without gradients).
+        q_masked, d_masked: unused (the kernel applies the masks to the tiles it loads at no extra cost).
 
     Returns:
         ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)``, None for a direction not asked.
@@ -334,6 +379,7 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
     q, d = _tokens(q), _tokens(d)
     qv = q_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
     dv = d_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
+    qh, dh = _has_candidates(qv, zero_mode), _has_candidates(dv, zero_mode)
     qw = q_w.to(**f32).contiguous() if q2d else None
     dw = d_w.to(**f32).contiguous() if d2q else None
     # (s, val, idx) indexed [x, y, ...] for each launch; ``.transpose(0, 1)`` when the rows are documents.
@@ -347,14 +393,14 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
         return triton.next_power_of_2(n) <= MAX_T
 
     if q2d and d2q and not fits(lq) and not fits(ld):  # no tile holds a whole token set: two sweeps
-        _launch(q, d, qw, qv, dv, None, zero_mode, True, False, o_q2d, None, need_aux)
-        _launch(d, q, dw, dv, qv, None, zero_mode, True, False, t(o_d2q), None, need_aux)
+        _launch(q, d, qw, qv, dv, qh, dh, None, zero_mode, True, False, o_q2d, None, need_aux)
+        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, t(o_d2q), None, need_aux)
     elif q2d and (fits(lq) or not d2q):  # rows = queries: q2d is ROW, d2q (if asked) is COL
-        _launch(q, d, qw, qv, dv, dw, zero_mode, True, d2q, o_q2d, o_d2q, need_aux)
+        _launch(q, d, qw, qv, dv, qh, dh, dw, zero_mode, True, d2q, o_q2d, o_d2q, need_aux)
     elif q2d:  # both asked, only the doc token sets fit a tile: rows = documents
-        _launch(d, q, dw, dv, qv, qw, zero_mode, True, True, t(o_d2q), t(o_q2d), need_aux)
+        _launch(d, q, dw, dv, qv, dh, qh, qw, zero_mode, True, True, t(o_d2q), t(o_q2d), need_aux)
     else:  # d2q only: rows = documents, one direction (any Ld)
-        _launch(d, q, dw, dv, qv, None, zero_mode, True, False, t(o_d2q), None, need_aux)
+        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, t(o_d2q), None, need_aux)
     return tuple(outs)
 
 

@@ -23,6 +23,12 @@ frames with ``q_j``).
 
 HBI multiplies the similarities by 1000 before the loop; here ``sim`` is used as given, so pass ``1000 * sim``
 to reproduce HBI's numbers (every value is positively homogeneous of degree one in ``sim``).
+
+Non-finite values follow the definition: ``L̄`` is ``L`` on the coalition and exactly 0 elsewhere (a ``where``,
+not HBI's ``sim * mask``, whose ``0·NaN`` would let an entry outside the coalition poison every value), so a
+NaN or inf entry reaches exactly the values whose coalition holds it, and padded positions (outside
+``text_mask ⊗ video_mask``) never influence anything; the result there is exactly 0.  Computed in fp32 for
+half inputs (HBI's -9e15 overflows float16), fp64 for fp64, and returned in sim's dtype, as the engines do.
 """
 
 from __future__ import annotations
@@ -33,9 +39,15 @@ MODES = ("hbi", "textbook")
 NEG = -9e15  # HBI's mask value for the weights of tokens outside a coalition
 
 
+def _on(sim: torch.Tensor, tm: torch.Tensor, vm: torch.Tensor) -> torch.Tensor:
+    """``L̄``: sim on the coalition ``tm ⊗ vm`` (0/1 floats), exactly 0 elsewhere, whatever sim holds there."""
+    zero = torch.zeros((), dtype=sim.dtype, device=sim.device)
+    return torch.where((tm[:, :, None] * vm[:, None, :]) != 0, sim, zero)
+
+
 def _value(sim: torch.Tensor, tm: torch.Tensor, vm: torch.Tensor, p: torch.Tensor, q: torch.Tensor):
     """f for coalition masks ``tm [B, T]``, ``vm [B, V]`` (0/1 floats): the value ``[B]`` and the weights."""
-    masked = sim * tm[:, :, None] * vm[:, None, :]
+    masked = _on(sim, tm, vm)
     wt = torch.softmax(p.masked_fill(tm == 0, NEG), dim=-1)
     wv = torch.softmax(q.masked_fill(vm == 0, NEG), dim=-1)
     return _combine(masked, wt, wv), masked, wt, wv
@@ -77,7 +89,8 @@ def banzhaf_interaction(
             positions are ignored (those are never in the coalition).
 
     Returns:
-        ``[B, T, V]`` interactions in sim's dtype, zero outside ``text_mask ⊗ video_mask``, without gradient.
+        ``[B, T, V]`` interactions in sim's dtype (computed in fp32 for half inputs), exactly zero outside
+        ``text_mask ⊗ video_mask``, without gradient.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -85,8 +98,9 @@ def banzhaf_interaction(
     if num_samples is None:
         num_samples = coalitions.shape[3] if coalitions is not None else 100
     with torch.no_grad():
-        sim = sim.detach()
-        dtype = sim.dtype
+        out_dtype = sim.dtype
+        dtype = torch.float64 if sim.dtype == torch.float64 else torch.float32
+        sim = sim.detach().to(dtype)
         tmask = (torch.ones(b, t_len, dtype=torch.bool, device=sim.device) if text_mask is None else text_mask).to(dtype)
         vmask = (torch.ones(b, v_len, dtype=torch.bool, device=sim.device) if video_mask is None else video_mask).to(dtype)
         p, q = text_weight.detach().to(dtype), video_weight.detach().to(dtype)
@@ -125,5 +139,4 @@ def banzhaf_interaction(
                     f_i = _value(sim, tm_i, vm, p, q)[0]
                     f_j = _value(sim, tm, vm_j, p, q)[0]
                     out[:, i, j] += f_ij - f_i - f_j + f_s
-        out = out / num_samples
-        return out * tmask[:, :, None] * vmask[:, None, :]
+        return _on(out / num_samples, tmask, vmask).to(out_dtype)

@@ -15,8 +15,15 @@ Mask modes:
 
 * ``"exclude"``: an invalid token never wins a max (its similarity is -inf); a token with no valid token on
   the other side scores 0 and gets no gradient.
-* ``"zero"``: ``s`` is multiplied by the outer product of the masks (PyLate ``colbert_scores``): invalid
-  tokens score 0 and still compete.
+* ``"zero"``: ``s`` is set to exactly 0 outside the outer product of the masks (PyLate ``colbert_scores``
+  multiplies by it): invalid tokens score 0 and still compete.
+
+Padding contract: masked-out tokens never influence anything.  Whatever their embeddings hold (NaN, inf,
+garbage), they are replaced by zeros before the similarities (so their gradient is 0 and no ``0·NaN`` reaches
+a valid token's gradient), a masked-out token of the weighted side contributes exactly 0 to the sum, and a
+masked-out token of the other side never wins (``"exclude"``) or scores exactly 0 (``"zero"``).  Between
+valid tokens NaN and inf propagate as IEEE arithmetic and ``torch.max`` make them (a NaN similarity is the
+max, at the lowest index).  Masks may be bool or 0/1 of any integer or float dtype (converted with ``!= 0``).
 
 Ties go to the lowest index (``torch.max``), which is also where the gradient goes.
 
@@ -53,29 +60,42 @@ def token_weights(valid: torch.Tensor, weights, reduction: str, dtype: torch.dty
 
 
 def _valid(mask, x: torch.Tensor) -> torch.Tensor:
-    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
+    if mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def zero_padding(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``x`` with its masked-out tokens replaced by zeros (a ``where``, so whatever they held, NaN included,
+    is gone and their gradient is 0)."""
+    return torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _weighted_max(sim, own, other, wt, dim: int, zero_mode: bool):
+    """``Σ_own w · max_other sim`` over the valid tokens of one side: ``own`` (the weighted side's mask) and
+    ``other`` broadcast against ``sim``; the max runs over ``dim`` (the other side's tokens)."""
+    zero = torch.zeros((), dtype=sim.dtype, device=sim.device)
+    if zero_mode:  # PyLate: scores * einsum("ah,bt->abht", qmask, dmask), as a where: exactly 0, even for inf
+        mx = torch.where(own & other, sim, zero).max(dim).values
+        keep = own.squeeze(dim)
+    else:
+        mx = sim.masked_fill(~other, float("-inf")).max(dim).values
+        keep = own.squeeze(dim) & other.any(dim)  # no valid token on the other side: 0, no gradient
+    # A masked-out token of the weighted side adds exactly 0 (not 0·max: its max may be NaN); the max is
+    # replaced too, so that no gradient meets 0·(-inf) either.
+    mx = torch.where(keep, mx, zero)
+    return torch.where(keep, wt * mx, zero).sum(-1)
 
 
 def _directional(sim, qv, dv, wq, wd, direction, mask_mode):
     """``(S^{q2d}, S^{d2q})`` (None where not asked) from ``sim [A, B, Lq, Ld]``, masks broadcastable to
     ``[A, B, Lq, 1]`` / ``[A, B, 1, Ld]`` and weights broadcastable to ``[A, B, Lq]`` / ``[A, B, Ld]``."""
+    zero_mode = mask_mode == "zero"
     s_q2d = s_d2q = None
-    if mask_mode == "zero":
-        x = sim * (qv & dv).to(sim.dtype)  # PyLate: scores * einsum("ah,bt->abht", qmask, dmask)
-        if direction in ("q2d", "both"):
-            s_q2d = (wq * x.max(-1).values).sum(-1)
-        if direction in ("d2q", "both"):
-            s_d2q = (wd * x.max(-2).values).sum(-1)
-        return s_q2d, s_d2q
-    zero = torch.zeros((), dtype=sim.dtype, device=sim.device)
     if direction in ("q2d", "both"):
-        mx = sim.masked_fill(~dv, float("-inf")).max(-1).values  # [A, B, Lq]
-        mx = torch.where(dv.any(-1), mx, zero)  # no valid document token: 0, no gradient
-        s_q2d = (wq * mx).sum(-1)
+        s_q2d = _weighted_max(sim, qv, dv, wq, -1, zero_mode)
     if direction in ("d2q", "both"):
-        mx = sim.masked_fill(~qv, float("-inf")).max(-2).values  # [A, B, Ld]
-        mx = torch.where(qv.any(-2), mx, zero)
-        s_d2q = (wd * mx).sum(-1)
+        s_d2q = _weighted_max(sim, dv, qv, wd, -2, zero_mode)
     return s_q2d, s_d2q
 
 
@@ -87,6 +107,7 @@ def maxsim_directional(q, d, q_mask=None, d_mask=None, *, token_reduction="sum",
     dt = q.dtype
     wq = token_weights(qv, q_weights, token_reduction, dt)
     wd = token_weights(dv, d_weights, token_reduction, dt)
+    q, d = zero_padding(q, qv), zero_padding(d, dv)
     if pairs:
         sim = torch.einsum("atd,avd->atv", q, d)[:, None]  # [N, 1, Lq, Ld]
         qv4, dv4 = qv[:, None, :, None], dv[:, None, None, :]
@@ -148,8 +169,8 @@ def cross_entropy_terms(s_q2d, s_d2q, scale, labels, direction, label_smoothing)
     nq = (s_q2d if s_q2d is not None else s_d2q).shape[0]
     nd = (s_q2d if s_q2d is not None else s_d2q).shape[1]
     targets = torch.arange(nq, device=(s_q2d if s_q2d is not None else s_d2q).device)
-    if labels is None:
-        labels = targets
+    # int64 whatever integer dtype came in: a uint8 tensor would index as a mask
+    labels = targets if labels is None else labels.long()
     rows = cols = None
     if direction in ("q2d", "both"):
         rows = F.cross_entropy(scale * s_q2d, labels, label_smoothing=label_smoothing, reduction="none")

@@ -6,8 +6,9 @@
 // f(A ∪ {i}, C ∪ {j}) ("hbi": only the entry (i, j) added, re-softmaxed weights), f(A ∪ {i}, C), f(A, C ∪ {j})
 // and f(A, C) share their pieces:
 //   * MR[t] = max_{v in C} L[t, v] for t in A ∪ {i} and MC[v] = max_{t in A} L[t, v] for v in C ∪ {j}: each
-//     found by walking the row's (column's) valid entries in descending order (sorted once per batch row)
-//     until the first member of the coalition: about two steps on average instead of |C| (|A|);
+//     found by walking the row's (column's) valid entries in descending order (sorted once per batch row, NaN
+//     first: a NaN in the coalition is its max, as in the reference) until the first member of the coalition:
+//     about two steps on average instead of |C| (|A|);
 //   * each value is then O(|A| + |C|): weighted sums of those maxima, with the zero of the masked grid added to
 //     a max exactly when the coalition misses part of the padded row or column (see with_zero).
 // Softmax weights over a coalition use exp(p - max_valid p) precomputed once per batch row when the valid p
@@ -82,13 +83,15 @@ void prepare(Prep<acc_t>& pr, const acc_t* L, const acc_t* P, const acc_t* Q, co
         const int64_t t = vt[k];
         int32_t* o = pr.row_ord.data() + (b * T + t) * V;
         std::copy(vv, vv + nv, o);
-        std::stable_sort(o, o + nv, [&](int32_t x, int32_t y) { return Lb[t * V + x] > Lb[t * V + y]; });
+        std::stable_sort(o, o + nv,
+                         [&](int32_t x, int32_t y) { return banzhaf::before(Lb[t * V + x], Lb[t * V + y]); });
       }
       for (int32_t k = 0; k < nv; ++k) {
         const int64_t v = vv[k];
         int32_t* o = pr.col_ord.data() + (b * V + v) * T;
         std::copy(vt, vt + nt, o);
-        std::stable_sort(o, o + nt, [&](int32_t x, int32_t y) { return Lb[x * V + v] > Lb[y * V + v]; });
+        std::stable_sort(o, o + nt,
+                         [&](int32_t x, int32_t y) { return banzhaf::before(Lb[x * V + v], Lb[y * V + v]); });
       }
       auto shifted = [](const acc_t* w, const int32_t* idx, int32_t n, acc_t* e) -> bool {
         if (n == 0) return true;

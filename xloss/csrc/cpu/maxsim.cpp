@@ -14,14 +14,19 @@
 // documents costs its valid tokens only.  exclude mode: invalid tokens never win (skipped); zero mode
 // (PyLate): an invalid token scores exactly 0 and competes, at its own index; only the first invalid one can
 // win (ties go to the lowest index), so for a prefix mask one 0-candidate at index `end` is enough.  Invalid
-// query tokens are zeroed in zero mode (their maxima are then 0), as the PyTorch engine does.  A query token
-// with no candidate at all (exclude mode, no valid document token) gets max 0 and index -1.
+// query tokens get max 0 and index -1 (see the padding contract below).  A query token with no candidate at
+// all (exclude mode, no valid document token) gets max 0 and index -1.
 //
 // No packed-documents API: a padded batch with a prefix mask already costs only its valid tokens (the padding
 // is never read), so packing would save memory, not time.
 //
-// Ties: the update is a strict `>` in increasing token order, so the lowest index wins (torch.max).  A NaN
-// similarity never wins (torch.max would propagate it).
+// Ties: the update is a strict `>` in increasing token order, so the lowest index wins (torch.max).  NaN and
+// inf propagate exactly as torch.max does them: a NaN similarity wins over everything and keeps its place (the
+// first NaN's index), and a max over valid tokens that are all -inf is -inf (with AUX, at the first of them).
+// Whether a token has any candidate at all is known from the masks, never from the value.
+//
+// Padding contract: a masked-out query token is never computed into anything: value 0, index -1, and nothing
+// added to the score (not 0·max: its max may be NaN or inf when a valid document token is non-finite).
 // Accumulation: fp32 for fp32/bf16/fp16 inputs (half documents are converted per document into a
 // thread-local buffer), fp64 for fp64.  Outputs, as cpu.maxsim_fwd's q2d part: scores [Nq, Nd] (or [N] for
 // aligned pairs), and with need_aux the arg-max indices (int16, int32 beyond 32767 document tokens) and the
@@ -63,6 +68,7 @@ struct Job {
   const bool* dval;  // document mask [Ld]
   int64_t end;       // 1 + last valid token (0: none)
   bool dense;        // all tokens < end valid
+  bool found;        // some token is a candidate (a valid one; any one in zero mode)
   int64_t ld;        // document length (padded)
   int64_t dim;
   bool zero_mode;
@@ -87,16 +93,18 @@ inline void dot_block(const A* qp, int64_t dim, const A* drow, typename Vec<A>::
   }
 }
 
-// Running max (and arg-max) update with candidate `cand` at token index v.
+// Running max (and arg-max) update with candidate `cand` at token index v, visited in increasing v.
 template <typename A, bool AUX>
 inline void update(typename Vec<A>::V& best, typename Vec<A>::M& arg, typename Vec<A>::V cand, int64_t v) {
   using M = typename Vec<A>::M;
-  M gt = cand > best;
-  best = gt ? cand : best;
+  using I = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;  // the lanes of M
+  // Strictly greater (ties keep the lower index), or the first NaN (torch.max propagates it).
+  M take = (cand > best) | ((cand != cand) & (best == best));
   if (AUX) {
-    using I = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;  // the lanes of M
-    arg = gt ? (M{} + static_cast<I>(v)) : arg;
+    take |= arg == (M{} - 1);  // the first candidate always counts: an all -inf max sits at its first token
+    arg = take ? (M{} + static_cast<I>(v)) : arg;
   }
+  best = take ? cand : best;
 }
 
 // One group of MQ query chunks (starting at chunk c0) against the whole document: best/arg per lane.
@@ -146,9 +154,9 @@ void group(const Job<A>& job, int64_t c0, typename Vec<A>::V (&best)[MQ], typena
   }
 }
 
-// One query (lq tokens) against one document: writes the score, and the maxima/indices when AUX.
+// One query (lq tokens, mask qv) against one document: writes the score, and the maxima/indices when AUX.
 template <typename A, bool AUX, typename I>
-void pair_scores(const Job<A>& job, int64_t lq, const A* qw, A* score, A* val, I* idx) {
+void pair_scores(const Job<A>& job, int64_t lq, const bool* qv, const A* qw, A* score, A* val, I* idx) {
   using V = typename Vec<A>::V;
   using M = typename Vec<A>::M;
   constexpr int W = Vec<A>::W;
@@ -158,10 +166,10 @@ void pair_scores(const Job<A>& job, int64_t lq, const A* qw, A* score, A* val, I
       for (int l = 0; l < W; ++l) {
         const int64_t t = (c0 + m) * W + l;
         if (t >= lq) break;
-        A b = best[m][l];
-        const bool none = b == -std::numeric_limits<A>::infinity();
-        if (none) b = 0;  // no candidate: 0, no gradient
-        total += qw[t] * b;
+        // A masked-out query token, or no candidate at all: 0, no gradient, nothing added to the score.
+        const bool none = !qv[t] || !job.found;
+        const A b = none ? A(0) : best[m][l];
+        if (!none) total += qw[t] * b;
         if (AUX) {
           val[t] = b;
           idx[t] = none ? static_cast<I>(-1) : static_cast<I>(arg[m][l]);
@@ -216,14 +224,15 @@ void run(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_w, const 
     }
   });
 
-  // Packed queries qT[a][chunk][k][lane], zero-padded (and zeroed for invalid tokens in zero mode).
+  // Packed queries qT[a][chunk][k][lane], zero-padded; masked-out tokens stay zeros (their lanes are settled in
+  // emit, whatever they compute).
   const int64_t qstride = nchunk * dim * W;
   std::vector<A> packed(static_cast<size_t>(nq * qstride), A(0));
   at::parallel_for(0, nq, 16, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       A* out = packed.data() + a * qstride;
       for (int64_t t = 0; t < lq; ++t) {
-        if (zero_mode && !qv[a * lq + t]) continue;
+        if (!qv[a * lq + t]) continue;  // never read: its entries are settled in emit
         const T* row = qp + (a * lq + t) * dim;
         A* col = out + (t / W) * dim * W + (t % W);
         for (int64_t k = 0; k < dim; ++k) col[k * W] = static_cast<A>(row[k]);
@@ -251,14 +260,17 @@ void run(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_w, const 
       } else {
         doc = drow;
       }
-      Job<A> job{nullptr, nchunk, doc, dv + b * ld, end[b], static_cast<bool>(dense[b]), ld, dim, zero_mode};
+      const bool found = zero_mode ? ld > 0 : end[b] > 0;
+      Job<A> job{nullptr, nchunk, doc, dv + b * ld, end[b], static_cast<bool>(dense[b]), found, ld, dim,
+                 zero_mode};
       for (int64_t a = a0; a < a1; ++a) {
         job.qT = packed.data() + a * qstride;
         const int64_t o = pairs ? a : a * nd + b;  // output row
+        const bool* qva = qv + a * lq;
         if (need_aux) {
-          pair_scores<A, true, I>(job, lq, qwp + a * lq, sp + o, vp + o * lq, ip + o * lq);
+          pair_scores<A, true, I>(job, lq, qva, qwp + a * lq, sp + o, vp + o * lq, ip + o * lq);
         } else {
-          pair_scores<A, false, I>(job, lq, qwp + a * lq, sp + o, nullptr, nullptr);
+          pair_scores<A, false, I>(job, lq, qva, qwp + a * lq, sp + o, nullptr, nullptr);
         }
       }
     }

@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <iostream>
 #include <string>
 
@@ -53,6 +54,21 @@ int main() {
     auto expected = torch::einsum("qtd,cvd->qctv", {q, d}).amax(-1).sum(-1);  // ColBERT sum of maxima
     check(std::get<0>(out).sizes() == expected.sizes() && torch::allclose(std::get<0>(out), expected, 1e-5, 1e-5),
           "maxsim_q2d equals einsum + max + sum");
+    // NaN propagates as in torch.max (issue 15): a NaN in a valid document token is the max, at its index,
+    // and garbage in a masked-out query token changes nothing.
+    auto d_nan = d.clone(), q_pad = q.clone(), q_mask = q_valid.clone();
+    d_nan.index_put_({1, 2, 0}, std::nan(""));
+    q_pad.index_put_({0, 2}, std::nan(""));
+    q_mask.index_put_({0, 2}, false);
+    auto nan_out = maxsim.call(q_pad, d_nan, q_w * q_mask, q_mask, d_valid, false, false, true);
+    auto s_nan = std::get<0>(nan_out), idx_nan = std::get<1>(nan_out), val_nan = std::get<2>(nan_out);
+    check(torch::isnan(s_nan.index({torch::indexing::Slice(), 1})).all().item<bool>() &&
+              torch::isfinite(s_nan.index({torch::indexing::Slice(), 0})).all().item<bool>(),
+          "maxsim_q2d: a NaN document token makes exactly that document's scores NaN");
+    check((idx_nan.index({1, 1, 0}) == 2).item<bool>() && torch::isnan(val_nan.index({1, 1, 0})).item<bool>(),
+          "maxsim_q2d: the NaN wins the max at its own index");
+    check((idx_nan.index({0, 0, 2}) == -1).item<bool>() && (val_nan.index({0, 0, 2}) == 0).item<bool>(),
+          "maxsim_q2d: a masked-out query token is value 0, index -1, whatever it holds");
     check(throws([&] { maxsim.call(q, torch::randn({4, 5, 7}), q_w, q_valid, d_valid, false, false, false); }),
           "maxsim_q2d rejects a feature-dimension mismatch");
     check(throws([&] { maxsim.call(q, d, q_w, q_valid, torch::ones({4, 6}, torch::kBool), false, false, false); }),
@@ -73,6 +89,14 @@ int main() {
     check(a.sizes() == sim.sizes() && torch::isfinite(a).all().item<bool>(), "banzhaf_interaction: [B, T, V], finite");
     check(torch::equal(a, b), "banzhaf_interaction: the same seed gives the same values");
     check(a.index({1, 3}).abs().max().item<float>() == 0.f, "banzhaf_interaction: zero outside the masks");
+    // NaN propagates (issue 15): the entry (i, j) takes part in f(S ∪ {i, j}) of every sample; NaN in padding
+    // (row 3 of batch 1 is masked out) changes nothing.
+    auto sim_nan = sim.clone();
+    sim_nan.index_put_({0, 1, 2}, std::nan(""));
+    sim_nan.index_put_({1, 3}, std::nan(""));
+    auto c = banzhaf.call(sim_nan, p, v, text_mask, video_mask, 8, 1234, std::nullopt, "hbi");
+    check(torch::isnan(c.index({0, 1, 2})).item<bool>(), "banzhaf_interaction: a NaN similarity is not hidden");
+    check(torch::equal(c.index({1}), a.index({1})), "banzhaf_interaction: NaN in padding changes nothing");
     check(throws([&] { banzhaf.call(sim, p, v, text_mask, video_mask, 0, 1, std::nullopt, "hbi"); }),
           "banzhaf_interaction rejects num_samples < 1");
     check(throws([&] { banzhaf.call(sim, p, v, text_mask, video_mask, 4, 1, std::nullopt, "shapley"); }),
