@@ -26,6 +26,7 @@ from . import nn, reference
 from ._dispatch import available_backends
 from ._version import __version__
 from .banzhaf import banzhaf_interaction
+from .gradcache import GradCache
 from .gram import gram_loss, gram_volume
 from .infonce import info_nce
 from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
@@ -45,6 +46,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "GradCache",
     "__version__",
     "available_backends",
     "banzhaf_interaction",
