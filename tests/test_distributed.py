@@ -197,6 +197,58 @@ def _check_info_nce_targets(world):
                 _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
 
 
+def _check_info_nce_matryoshka(world):
+    """Matryoshka prefixes (issue 12) across ranks: the keys' inverse prefix norms travel with the keys (their bits
+    inside the key message, also for half-precision keys), per-prefix column statistics and norm gradients too."""
+    group = dist.group.WORLD
+    configs = [
+        {"symmetric": True, "label_smoothing": 0.0, "reduction": "mean", "labels": False},
+        {"symmetric": False, "label_smoothing": 0.1, "reduction": "none", "labels": True},
+        {"symmetric": True, "label_smoothing": 0.2, "reduction": "sum", "labels": True,
+         "matryoshka_normalize": False},
+        {"symmetric": True, "label_smoothing": 0.1, "reduction": "none", "labels": True},
+    ]
+    prefixes = {"matryoshka_dims": [2, 3, 5], "matryoshka_weights": [0.5, 1.0, 2.0]}
+    seed = 700
+    for exchange in ("ring", "all_gather"):
+        for split in ("even", "uneven"):
+            for cfg in configs:
+                cfg = dict(cfg)
+                seed += 1
+                how = {} if seed % 2 else {"grad_reduction": "sum"}
+                f = world if seed % 2 else 1
+                what = f"info_nce matryoshka {exchange} {split} {cfg} {how}"
+                q, k, labels, default, grad, qs, ks = _batch(world, split, seed)
+                with_labels = cfg.pop("labels")
+                qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+                sr = torch.tensor(1.7, dtype=F64, requires_grad=True)
+                ref = reference.info_nce(qr, kr, logit_scale=sr, labels=labels if with_labels else default,
+                                         **prefixes, **cfg)
+                ql, kl = q[qs].clone().requires_grad_(), k[ks].clone().requires_grad_()
+                s = torch.tensor(1.7, dtype=F64, requires_grad=True)
+                loss = xloss.info_nce(ql, kl, logit_scale=s, labels=labels[qs] if with_labels else None,
+                                      **prefixes, **cfg, group=group, exchange=exchange, **how)
+                g = _check_reduced(loss, ref, cfg["reduction"], grad, qs)
+                (loss * g).sum().backward()
+                (ref * (grad if cfg["reduction"] == "none" else g)).sum().backward()
+                _close(ql.grad, f * qr.grad[qs], f"{what}: grad query")
+                _close(kl.grad, f * kr.grad[ks], f"{what}: grad key")
+                _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
+        # bf16 keys: the fp32 norms travel as pairs of bf16 words; the same loss as one process on the same inputs
+        q, k, labels, default, grad, qs, ks = _batch(world, "uneven", seed + 1)
+        q16, k16 = q.to(torch.bfloat16), k.to(torch.bfloat16)
+        ql, kl = q16[qs].clone().requires_grad_(), k16[ks].clone().requires_grad_()
+        loss = xloss.info_nce(ql, kl, labels=labels[qs], **prefixes, group=group, exchange=exchange,
+                              grad_reduction="sum")
+        loss.backward()
+        qr, kr = q16.clone().requires_grad_(), k16.clone().requires_grad_()
+        one = xloss.info_nce(qr, kr, labels=labels, **prefixes)
+        one.backward()
+        _close(loss, one, f"info_nce matryoshka {exchange} bf16: loss", rtol=1e-5, atol=1e-6)
+        _close(kl.grad.float(), kr.grad[ks].float(), f"info_nce matryoshka {exchange} bf16: grad key", rtol=2e-2,
+               atol=1e-3)
+
+
 def _check_soft_targets(world):
     """Distillation and CWCL (issue 12) across ranks: the teacher's keys travel with the student's; CWCL's global
     sums; paired batches (n_r = m_r) where the loss needs them."""
@@ -556,7 +608,7 @@ def _worker(rank, world, path, out):
                             timeout=datetime.timedelta(seconds=120))
     results = {}
     checks = [_check_info_nce, _check_info_nce_targets, _check_sigmoid, _check_ddp, _check_one_rank_group,
-              _check_soft_targets, _measure_memory]
+              _check_soft_targets, _check_info_nce_matryoshka, _measure_memory]
     if world == 2:
         checks[3:3] = [_check_bad_input, _check_triton, _check_compile]
     checks.insert(checks.index(_check_sigmoid) + 1, _check_sigmoid_groups)
@@ -613,6 +665,11 @@ def test_soft_targets_match_single_process(worlds, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_info_nce_targets_match_single_process(worlds, world):
     _assert_ok(worlds, world, "_check_info_nce_targets")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_info_nce_matryoshka_matches_single_process(worlds, world):
+    _assert_ok(worlds, world, "_check_info_nce_matryoshka")
 
 
 @pytest.mark.parametrize("world", [2, 4])

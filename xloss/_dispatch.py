@@ -132,6 +132,8 @@ _TRITON_HOW = ("it needs CUDA tensors; set TRITON_INTERPRET=1 to run the kernels
 TABLE: tuple[Route, ...] = (
     Route("info_nce", "triton", "xloss.infonce.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
     Route("info_nce", "chunked", "xloss.infonce.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
+    Route("distill", "triton", "xloss.soft_targets.triton", ("cuda",), _LOW_PRECISION, _triton_runs,
+          why_not=_TRITON_HOW),
     Route("distill", "chunked", "xloss.soft_targets.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
     Route("sigmoid", "triton", "xloss.sigmoid.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
     Route("sigmoid", "chunked", "xloss.sigmoid.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),

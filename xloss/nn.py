@@ -479,8 +479,10 @@ class InfoNCELoss(_ScaledLoss):
         temperature: fixed ``τ = 1/s``, or
         learnable_scale: own a Parameter ``logit_scale`` (log of s), started at ``init_logit_scale`` and
             capped at ``max_logit_scale``.
-        symmetric, exclude_self, false_negative_margin, decoupled, hardness, label_smoothing, reduction, backend:
-            as :func:`xloss.info_nce`.
+        symmetric, exclude_self, false_negative_margin, decoupled, hardness, label_smoothing, reduction,
+            matryoshka_dims, matryoshka_weights, matryoshka_normalize, backend: as :func:`xloss.info_nce`
+            (``matryoshka_dims`` increasing: sentence-transformers' ``[768, 512, 256, 128, 64]`` is
+            ``[64, 128, 256, 512, 768]`` here, weights in the same order).
 
     Forward:
         ``query [N, D]``, ``key [M, D]``, optional ``labels [N]`` or ``query_groups [N]`` and ``key_groups [M]``
@@ -492,15 +494,25 @@ class InfoNCELoss(_ScaledLoss):
                  init_logit_scale: float = _CLIP_INIT, max_logit_scale: float | None = 100.0,
                  symmetric: bool = True, exclude_self: bool = False, false_negative_margin: float | None = None,
                  decoupled: bool = False, hardness: float = 0.0, label_smoothing: float = 0.0,
-                 reduction: str = "mean", backend: str = "auto"):
+                 reduction: str = "mean", matryoshka_dims=None, matryoshka_weights=None,
+                 matryoshka_normalize: bool = True, backend: str = "auto"):
+        from .infonce import matryoshka as _matryoshka  # (here, not at the top: this class's lines only)
+
         super().__init__(logit_scale, temperature, learnable_scale, init_logit_scale, max_logit_scale, required=False)
         _check_bool("symmetric", symmetric)
         _checks.check_label_smoothing(label_smoothing)
         _checks.check_reduction(reduction)
         _check_backend(backend)
         # the options' own checks, now rather than at the first call (groups come with the inputs)
-        _target_rule(False, symmetric, exclude_self, false_negative_margin, decoupled, hardness, label_smoothing,
-                     reduction)
+        rule = _target_rule(False, symmetric, exclude_self, false_negative_margin, decoupled, hardness,
+                            label_smoothing, reduction)
+        prefixes = _matryoshka.check(matryoshka_dims, matryoshka_weights, matryoshka_normalize, None)  # D: at forward
+        if prefixes is not None and rule is not None:
+            raise ValueError("matryoshka_dims cannot be combined with exclude_self, false_negative_margin, "
+                             "decoupled or hardness")
+        self.matryoshka_dims = None if prefixes is None else list(prefixes.dims)
+        self.matryoshka_weights = None if prefixes is None or matryoshka_weights is None else list(prefixes.weights)
+        self.matryoshka_normalize = matryoshka_normalize
         self.symmetric = symmetric
         self.exclude_self = exclude_self
         self.false_negative_margin = false_negative_margin
@@ -513,6 +525,12 @@ class InfoNCELoss(_ScaledLoss):
     def extra_repr(self) -> str:
         targets = "".join(f", {name}={getattr(self, name)!r}" for name, default in _TARGET_DEFAULTS.items()
                           if getattr(self, name) != default)
+        if self.matryoshka_dims is not None:
+            targets += f", matryoshka_dims={self.matryoshka_dims}"
+            if self.matryoshka_weights is not None:
+                targets += f", matryoshka_weights={self.matryoshka_weights}"
+            if not self.matryoshka_normalize:
+                targets += ", matryoshka_normalize=False"
         return (f"{self._scale_repr()}, symmetric={self.symmetric}{targets}, "
                 f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, backend={self.backend!r}")
 
@@ -521,7 +539,9 @@ class InfoNCELoss(_ScaledLoss):
                          query_groups=query_groups, key_groups=key_groups, symmetric=self.symmetric,
                          exclude_self=self.exclude_self, false_negative_margin=self.false_negative_margin,
                          decoupled=self.decoupled, hardness=self.hardness, label_smoothing=self.label_smoothing,
-                         reduction=self.reduction, backend=self.backend)
+                         reduction=self.reduction, matryoshka_dims=self.matryoshka_dims,
+                         matryoshka_weights=self.matryoshka_weights, matryoshka_normalize=self.matryoshka_normalize,
+                         backend=self.backend)
 
 
 _TARGET_DEFAULTS = {"exclude_self": False, "false_negative_margin": None, "decoupled": False, "hardness": 0.0}
@@ -537,7 +557,7 @@ class LateInteractionLoss(_ScaledLoss):
             (``score_reduction=`` is the deprecated old name of ``token_reduction=``, for one release).
 
     Forward:
-        ``q [Nq, Lq, D]``, ``d [Nd, Ld, D]``, optional ``q_mask [Nq, Lq]``, ``d_mask [Nd, Ld]`` (bool),
+        ``q [Nq, Lq, D]``, ``d [Nd, Ld, D]``, optional ``q_mask [Nq, Lq]``, ``d_mask [Nd, Ld]`` (bool or 0/1),
         ``labels [Nq]``, ``q_weights``, ``d_weights`` and ``logit_scale`` (overrides a fixed scale).
     """
 

@@ -83,6 +83,12 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "cpu": Preset(((16384, 16384, 512),), "float32", families=("distill", "cwcl")),
         "cuda": Preset(((65536, 65536, 512),), "bfloat16", families=("distill", "cwcl")),
     },
+    # Matryoshka InfoNCE (issue 12): prefixes (64, 128, 256, 512, 768) of D = 768, CPU fp32 N = M = 16384; against
+    # naive (the reference's loop over prefixes) and five separate xloss.info_nce calls.
+    "matryoshka": {
+        "cpu": Preset(((16384, 16384, 768),), "float32", baselines=("naive", "separate"),
+                      families=("info_nce_matryoshka",)),
+    },
     "gpu": {"cuda": Preset(((65536, 65536, 768),), "bfloat16", baselines=("naive", "inf_cl"), families=("info_nce",))},
     # tools/gpu_check.sh: the sigmoid loss at the InfoNCE GPU shape, and late interaction at the ColBERT training
     # shape (Nq = Nd = 256, Lq = 32, Ld = 180), the ColPali one (Ld = 1030) and scoring, against flash-maxsim.
@@ -92,6 +98,10 @@ PRESETS: dict[str, dict[str, Preset]] = {
         families=("late_interaction", "late_interaction_colpali", "maxsim_scoring"),
         family_shapes={"late_interaction_colpali": ((64, 64, 128),), "maxsim_scoring": ((64, 1000, 128),)},
     )},
+    # Gradient caching (issue 13): one MiniLM training step (all weights, dropout on) at sequence length 64, cached
+    # with chunks of D = 64 texts against the uncached step; shape (N queries, M documents, D).  Batch 1024 texts
+    # (512 pairs), and 2048 texts (1024 pairs), where the uncached step needs ~35 GiB and is skipped on 24 GiB.
+    "gradcache": {"cpu": Preset(((512, 512, 64), (1024, 1024, 64)), "float32", runs=1, families=("gradcache",))},
     "quick": {
         "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),
         "cuda": Preset(_square((1024, 2048), 128), "float32", runs=2, families=("info_nce",)),

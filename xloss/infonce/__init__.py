@@ -11,7 +11,8 @@ Layout (op → Function → function, as quack):
 
 Everything besides the two sweeps is O((N+M)·D) and lives in the Function: the positive logits, label
 smoothing, the reduction, the target terms of the gradient and the gradient of the logit scale
-(``ds = Σ_i <q_i, dq_u_i>``).
+(``ds = Σ_i <q_i, dq_u_i>``).  Structured targets (``targets.py``) and Matryoshka prefixes (``matryoshka.py``) are
+further sweeps of the same engines, through the same Function.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import torch
 
 from .. import _checks, _comm, _dispatch
 from .. import reference as _reference
+from .._autograd import first_order_only
 from .._tiling import accumulation_dtype
 from . import chunked as _chunked
+from . import matryoshka as _matryoshka
 from . import sweeps
+from .matryoshka import Matryoshka
 from .targets import TargetRule
 
 
@@ -38,6 +42,7 @@ class InfoNCEOptions:
     engine: str = "chunked"  # "chunked" | "triton" (see xloss._dispatch)
     keep_logits: bool = False  # the chunked engine keeps small logits for backward (3 sweeps instead of 4)
     targets: TargetRule | None = None  # structured targets (groups, exclude_self, margin, ...); None: labels only
+    matryoshka: Matryoshka | None = None  # prefixes of D (issue 12); None: the whole D once
 
 
 class InfoNCEFunction(torch.autograd.Function):
@@ -51,10 +56,16 @@ class InfoNCEFunction(torch.autograd.Function):
     With ``options.targets`` (structured targets) ``labels`` holds the query group ids and ``key_groups [M]`` the
     global key group ids (for labels: the labels and ``arange(M)``); the formula is then the one of
     :func:`_targets_forward` / :func:`_targets_backward`.
+
+    With ``options.matryoshka`` (prefixes of D) ``rq [P, n]`` and ``rk [P, m]`` are the inverse prefix norms of this
+    rank's queries and keys (None without normalisation), inputs that get gradients; the formula is then
+    :func:`xloss.infonce.matryoshka.forward` / ``backward``.
     """
 
     @staticmethod
-    def forward(ctx, q, k, scale, labels, options: InfoNCEOptions, comm, key_groups=None):
+    def forward(ctx, q, k, scale, labels, options: InfoNCEOptions, comm, key_groups=None, rq=None, rk=None):
+        if options.matryoshka is not None:
+            return _matryoshka.forward(ctx, q, k, scale, labels, options, comm, rq, rk)
         if options.targets is not None:
             return _targets_forward(ctx, q, k, scale, labels, key_groups, options, comm)
         acc = accumulation_dtype(q.dtype)
@@ -82,9 +93,12 @@ class InfoNCEFunction(torch.autograd.Function):
         return comm.reduce(terms, options.reduction, N)
 
     @staticmethod
+    @first_order_only("info_nce")
     def backward(ctx, grad_out):
+        if ctx.options.matryoshka is not None:
+            return _matryoshka.backward(ctx, grad_out)
         if ctx.options.targets is not None:
-            return _targets_backward(ctx, grad_out)
+            return _targets_backward(ctx, grad_out) + (None, None)
         q, k, scale, labels, row, col, sums, keys, logits = ctx.saved_tensors
         options, comm = ctx.options, ctx.comm
         eps, symmetric = options.label_smoothing, options.symmetric
@@ -112,7 +126,7 @@ class InfoNCEFunction(torch.autograd.Function):
             if symmetric:
                 dq -= (eps / N) * wk
                 dk -= (eps / N) * w_own[:, None] * qsum
-        return _input_grads(ctx, q, qf, k, scale, s, dq, dk) + (None, None, None, None)
+        return _input_grads(ctx, q, qf, k, scale, s, dq, dk) + (None, None, None, None, None, None)
 
 
 def _input_grads(ctx, q, qf, k, scale, s, dq, dk):
@@ -216,6 +230,9 @@ def info_nce(
     hardness: float = 0.0,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    matryoshka_dims=None,
+    matryoshka_weights=None,
+    matryoshka_normalize: bool = True,
     backend: str = "auto",
     group=None,
     exchange: str = "ring",
@@ -254,6 +271,17 @@ def info_nce(
         label_smoothing: ``ε`` in [0, 1], as ``F.cross_entropy``, on both terms (not with the five options
             above).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-query terms ``[N]``).
+        matryoshka_dims: Matryoshka representation learning: strictly increasing prefix widths
+            ``d_1 < … < d_P <= D`` (a list or tuple of ints).  The loss is then ``Σ_m w_m · info_nce(q̂_m, k̂_m)``
+            with ``q̂_m = q[:, :d_m]`` (and ``k̂_m``), every other option (labels, symmetric, the scale, label
+            smoothing, the reduction; ``"none"``: ``Σ_m w_m`` times the per-query terms) applied to each term, as
+            sentence-transformers' ``MatryoshkaLoss`` does around a loss.  All prefixes come from one sweep over
+            the tiles (a prefix's dot products are partial sums of the full one): about the cost of one
+            ``info_nce`` call, not P.  Not with ``query_groups``/``key_groups``, ``exclude_self``,
+            ``false_negative_margin``, ``decoupled`` or ``hardness`` (ValueError).
+        matryoshka_weights: ``w_m`` (floats, one per prefix); default all 1.
+        matryoshka_normalize: L2-normalise each prefix of each row first (default True: cosine logits, as
+            ``MatryoshkaLoss`` over ``MultipleNegativesRankingLoss``); False: raw prefix dot products.
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"``, ``"chunked"`` (alias
             ``"cpu"``; runs on any device) or ``"reference"`` (the naive definition).
         group: a ``torch.distributed`` ProcessGroup: ``query``/``key`` are this rank's rows of a batch spread
@@ -282,6 +310,10 @@ def info_nce(
     groups = _checks.check_query_key_groups(query_groups, key_groups, n, m, query.device, labels)
     rule = target_rule(groups, symmetric, exclude_self, false_negative_margin, decoupled, hardness,
                         label_smoothing, reduction)
+    prefixes = _matryoshka.check(matryoshka_dims, matryoshka_weights, matryoshka_normalize, query.shape[1])
+    if prefixes is not None and rule is not None:
+        raise ValueError("matryoshka_dims cannot be combined with query_groups/key_groups, exclude_self, "
+                         "false_negative_margin, decoupled or hardness")
     name = _dispatch.resolve("info_nce", backend, query.device, query.dtype)
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale))
@@ -294,11 +326,21 @@ def info_nce(
         _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
     if name == "reference":
         return _reference.info_nce(
-            query, key, logit_scale=scale, labels=labels, symmetric=symmetric,
+            query, key, logit_scale=scale, labels=None if labels is None else labels.long(), symmetric=symmetric,
             label_smoothing=label_smoothing, reduction=reduction, query_groups=query_groups,
             key_groups=key_groups, exclude_self=exclude_self, false_negative_margin=false_negative_margin,
-            decoupled=decoupled, hardness=hardness,
-        )
+            decoupled=decoupled, hardness=hardness, matryoshka_dims=None if prefixes is None else prefixes.dims,
+            matryoshka_weights=None if prefixes is None else prefixes.weights,
+            matryoshka_normalize=matryoshka_normalize,
+        ).to(accumulation_dtype(query.dtype))
+    if prefixes is not None:
+        if labels is None:
+            labels = comm.default_labels(n, query.device)
+        rq = rk = None
+        if prefixes.normalize:  # outside the Function: autograd takes their gradients back to query and key
+            rq, rk = _matryoshka.inverse_norms(query, prefixes.dims), _matryoshka.inverse_norms(key, prefixes.dims)
+        options = InfoNCEOptions(symmetric, float(label_smoothing), reduction, name, matryoshka=prefixes)
+        return InfoNCEFunction.apply(query, key, scale, labels.long(), options, comm, None, rq, rk)
     if rule is not None:  # labels are the case of one positive per query: the keys are their own groups
         if groups:
             labels, key_groups = query_groups.long(), comm.gather_keys(key_groups.long())
@@ -343,4 +385,4 @@ def target_rule(groups: bool, symmetric: bool, exclude_self, margin, decoupled, 
                       margin=None if margin is None else float(margin))
 
 
-__all__ = ["InfoNCEFunction", "InfoNCEOptions", "TargetRule", "info_nce", "target_rule"]
+__all__ = ["InfoNCEFunction", "InfoNCEOptions", "Matryoshka", "TargetRule", "info_nce", "target_rule"]

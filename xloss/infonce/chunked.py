@@ -355,3 +355,174 @@ def masked_grad(q, k, scale, qg, kg, self_offset, decoupled: bool, hardness: flo
         torch.mm(g, k, out=dq[i0:i1])
         dk.addmm_(g.T, q[i0:i1])
     return dq, dk
+
+
+# ------------------------------------------------------------------------------ Matryoshka prefixes (issue 12)
+# Prefixes d_1 < ... < d_P of D (see matryoshka.py): z^m_ij = rq^m_i·rk^m_j·cum^m_ij with cum^m the accumulated
+# scaled dots of the D slices [d_{m-1}, d_m) (rq, rk the inverse prefix norms, or None for 1).  A tile computes
+# the P slice GEMMs in order, so every prefix's logits come from one pass over q and k.
+#
+# Unlike the plain sweeps (whole-row strips), these work on 2-D tiles of rows × columns small enough that the
+# P + 3 working tiles stay in the CPU's cache: a tile goes through ~10 elementwise passes per prefix in forward
+# and ~20 in backward, which from main memory would cost more than the GEMMs.  Row statistics are then merged
+# online across column tiles, as the column statistics are across row tiles.
+
+MATRYOSHKA_TILE_BYTES = 16 * 2**20  # default budget of the P + 3 working tiles together (XLOSS_CPU_TILE_MB)
+TILE_ASPECT = 8  # columns per row of a tile: long rows for the GEMMs, enough rows to amortise reading k
+
+
+def _matryoshka_tile(n: int, m: int, prefixes: int, itemsize: int) -> tuple[int, int]:
+    """``(rows, cols)`` of a tile, for both sweeps: the backward keeps every prefix's ``cum`` (the suffix sums run
+    from the widest prefix down) and three more tiles.  The forward uses the same tiles so that it and the
+    backward's recomputation run the very same GEMMs (a BLAS may block another shape differently)."""
+    elems = max(1, budget_bytes(MATRYOSHKA_TILE_BYTES) // ((prefixes + 3) * itemsize))
+    cols = max(1, min(m, int((TILE_ASPECT * elems) ** 0.5)))
+    return max(1, min(n, elems // cols)), cols
+
+
+def _accumulate(cum, q_blk, k_blk, a: int, b: int, first: bool):
+    """``cum (+)= q_blk[:, a:b] · k_blk[:, a:b]ᵀ``: the next slice's dot products (views: nothing is copied)."""
+    if first:
+        torch.mm(q_blk[:, a:b], k_blk[:, a:b].T, out=cum)
+    else:
+        cum.addmm_(q_blk[:, a:b], k_blk[:, a:b].T)
+
+
+def _prefix_logits(out, cum, rq_blk, rk_blk):
+    """``z`` of one prefix on a tile: ``cum·rq_i·rk_j`` into ``out``, or ``cum`` itself without norms."""
+    if rq_blk is None:
+        return cum
+    torch.mul(cum, rq_blk[:, None], out=out)
+    return out.mul_(rk_blk)
+
+
+def _merge_online(mx, total, z, dim: int, work):
+    """Merge a tile's ``(max, Σ exp(z - max))`` along ``dim`` into the running ``mx``, ``total`` (in place)."""
+    t_max = z.amax(dim)
+    torch.sub(z, t_max.unsqueeze(dim), out=work).exp_()
+    new_max = torch.maximum(mx, t_max)
+    total.mul_(torch.exp(mx - new_max)).add_(work.sum(dim) * torch.exp(t_max - new_max))
+    mx.copy_(new_max)
+
+
+def _tiles(n: int, m: int, rows: int, cols: int):
+    """``(r0, r1, c0, c1)`` of every tile, row block by row block."""
+    for r0 in range(0, n, rows):
+        for c0 in range(0, m, cols):
+            yield r0, min(n, r0 + rows), c0, min(m, c0 + cols)
+
+
+def matryoshka_lse(q, k, rq, rk, scale, dims, need_cols: bool, labels):
+    """Split LSE statistics of every prefix's logits, and the positive logits, from one sweep.
+
+    Args:
+        q ``[N, D]``, k ``[M, D]``; rq ``[P, N]``, rk ``[P, M]`` inverse prefix norms (accumulation dtype) or
+        None (no normalisation); scale 0-dim; dims the P prefix widths; labels ``[N]`` long.
+
+    Returns:
+        ``row [P, 2, N]``, ``col [P, 2, M]`` (or None), ``z_pos [P, N]``; accumulation dtype.
+    """
+    q, k = upcast(q), upcast(k)
+    acc, dev = q.dtype, q.device
+    qs = q * scale.to(acc)
+    n, m, P = q.shape[0], k.shape[0], len(dims)
+    bounds = (0, *dims)
+    rows, cols = _matryoshka_tile(n, m, P, q.element_size())
+    row_max = torch.full((P, n), float("-inf"), dtype=acc, device=dev)
+    row_sum = torch.zeros(P, n, dtype=acc, device=dev)
+    z_pos = torch.zeros(P, n, dtype=acc, device=dev)
+    if need_cols:
+        col_max = torch.full((P, m), float("-inf"), dtype=acc, device=dev)
+        col_sum = torch.zeros(P, m, dtype=acc, device=dev)
+    cum_buf, z_buf, work_buf = (torch.empty(rows * cols, dtype=acc, device=dev) for _ in range(3))
+    for r0, r1, c0, c1 in _tiles(n, m, rows, cols):
+        shape = (r1 - r0, c1 - c0)
+        cum, zb, work = (b[: shape[0] * shape[1]].view(shape) for b in (cum_buf, z_buf, work_buf))
+        rel, inside = labels[r0:r1] - c0, (labels[r0:r1] >= c0) & (labels[r0:r1] < c1)
+        rel = rel.clamp(0, shape[1] - 1)[:, None]
+        for p in range(P):
+            _accumulate(cum, qs[r0:r1], k[c0:c1], bounds[p], bounds[p + 1], p == 0)
+            z = _prefix_logits(zb, cum, None if rq is None else rq[p, r0:r1], None if rk is None else rk[p, c0:c1])
+            # the positive logit from the very tile that holds it (max - z_pos is then exactly 0 when it wins)
+            z_pos[p, r0:r1] = torch.where(inside, z.gather(1, rel)[:, 0], z_pos[p, r0:r1])
+            _merge_online(row_max[p, r0:r1], row_sum[p, r0:r1], z, 1, work)
+            if need_cols:
+                _merge_online(col_max[p, c0:c1], col_sum[p, c0:c1], z, 0, work)
+    row = torch.stack([row_max, row_sum.log()], 1)
+    col = torch.stack([col_max, col_sum.log()], 1) if need_cols else None
+    return row, col, z_pos
+
+
+def matryoshka_grad(q, k, rq, rk, scale, dims, row, col, a, w, labels, pos, u, v):
+    """One recomputing sweep: ``(dq_u [N, D], dk_u [M, D], drq [P, N] | None, drk [P, M] | None)``.
+
+    Per prefix ``G^p_ij = a_pi·softmax_row + w_pj·softmax_col - pos_pi·[j = labels_i] - u_pi - v_pj`` (``w``,
+    ``u``, ``v`` may be None: absent), ``H^p = G^p ∘ rq^p rk^pᵀ``; ``dq_u[:, slice_l] = (Σ_{p≥l} H^p) k[:, slice_l]``,
+    ``dk_u`` likewise with q; ``drq^p_i = Σ_j G^p_ij·rk^p_j·s·cum^p_ij`` and ``drk^p_j`` the column sums (the
+    gradients of the loss with respect to the inverse norms; None without norms).  Accumulation dtype.
+    """
+    q, k = upcast(q), upcast(k)
+    acc, dev = q.dtype, q.device
+    qs = q * scale.to(acc)
+    n, m, P = q.shape[0], k.shape[0], len(dims)
+    bounds = (0, *dims)
+    rows, cols = _matryoshka_tile(n, m, P, q.element_size())
+    a, pos = a.to(acc), pos.to(acc)
+    # As grad: divide the weights by their largest magnitude (uniform weights then give log|weight| = 0 exactly)
+    # and multiply the results back at the end.
+    norm = a.abs().amax() if w is None else torch.maximum(a.abs().amax(), w.abs().amax())
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+    r_max, r_shift, r_sign = _shift_and_sign(row.to(acc).transpose(0, 1), a / norm)  # each [P, N]
+    if col is not None:
+        c_max, c_shift, c_sign = _shift_and_sign(col.to(acc).transpose(0, 1), w.to(acc) / norm)
+    pos = pos / norm
+    u = None if u is None else u.to(acc) / norm
+    v = None if v is None else v.to(acc) / norm
+    dq = torch.zeros(n, q.shape[1], dtype=acc, device=dev)
+    dk = torch.zeros(m, k.shape[1], dtype=acc, device=dev)
+    drq = drk = None
+    if rq is not None:
+        drq = torch.zeros(P, n, dtype=acc, device=dev)
+        drk = torch.zeros(P, m, dtype=acc, device=dev)
+    cum_bufs = [torch.empty(rows * cols, dtype=acc, device=dev) for _ in range(P)]
+    z_buf, g_buf, s_buf = (torch.empty(rows * cols, dtype=acc, device=dev) for _ in range(3))
+    for r0, r1, c0, c1 in _tiles(n, m, rows, cols):
+        shape = (r1 - r0, c1 - c0)
+        cums = [b[: shape[0] * shape[1]].view(shape) for b in cum_bufs]
+        zb, g, acc_s = (b[: shape[0] * shape[1]].view(shape) for b in (z_buf, g_buf, s_buf))
+        for p in range(P):  # the forward's accumulated dots, every prefix kept
+            if p:
+                cums[p].copy_(cums[p - 1])  # then the forward's very addmm_ on the very values
+            _accumulate(cums[p], qs[r0:r1], k[c0:c1], bounds[p], bounds[p + 1], p == 0)
+        rel, inside = labels[r0:r1] - c0, (labels[r0:r1] >= c0) & (labels[r0:r1] < c1)
+        hit = (torch.arange(shape[0], device=dev), rel.clamp(0, shape[1] - 1))
+        for p in reversed(range(P)):
+            rq_p = None if rq is None else rq[p, r0:r1]
+            rk_p = None if rk is None else rk[p, c0:c1]
+            z = _prefix_logits(zb, cums[p], rq_p, rk_p)  # without norms: cums[p] itself, used up here
+            _add_softmax_part(g, z, r_max[p, r0:r1, None], r_shift[p, r0:r1, None], r_sign[p, r0:r1, None],
+                              accumulate=False)
+            if col is not None:
+                _add_softmax_part(g, z, c_max[p, c0:c1], c_shift[p, c0:c1], c_sign[p, c0:c1], accumulate=True)
+            # the target entries (of the rows whose positive is in this tile) and smoothing's uniform parts
+            g.index_put_(hit, torch.where(inside, -pos[p, r0:r1], pos.new_zeros(())), accumulate=True)
+            if u is not None:
+                g.sub_(u[p, r0:r1, None])
+            if v is not None:
+                g.sub_(v[p, c0:c1])
+            if rq is not None:
+                t = torch.mul(g, cums[p], out=zb)  # G∘(s·cum): its row and column sums weighted by rk, rq
+                drq[p, r0:r1].addmv_(t, rk_p)
+                drk[p, c0:c1].addmv_(t.T, rq_p)
+                g.mul_(rq_p[:, None]).mul_(rk_p)  # H^p
+            if p == P - 1:  # the suffix sum starts as H^P: swap the buffers instead of copying
+                acc_s, g = g, acc_s
+            else:
+                acc_s.add_(g)
+            a0, b0 = bounds[p], bounds[p + 1]
+            dq[r0:r1, a0:b0].addmm_(acc_s, k[c0:c1, a0:b0])
+            dk[c0:c1, a0:b0].addmm_(acc_s.T, q[r0:r1, a0:b0])
+    dq.mul_(norm), dk.mul_(norm)
+    if rq is not None:
+        drq.mul_(norm), drk.mul_(norm)
+    return dq, dk, drq, drk

@@ -38,6 +38,32 @@ class InfoNCEEngine(Protocol):
     def keeps_logits(self, n: int, m: int, itemsize: int) -> bool:
         """Whether ``lse`` should keep the ``[n, m]`` logits for ``grad`` (a rule on shapes only)."""
 
+    # -- Matryoshka prefixes (issue 12; see matryoshka.py) ---------------------------------------------------
+    # dims = (d_1 < ... < d_P); cum^p_ij = <q_i[:d_p], k_j[:d_p]> accumulated slice by slice from the same tile;
+    # z^p_ij = scale·cum^p_ij·rq^p_i·rk^p_j (rq, rk the inverse prefix norms; None: 1).  Neither sweep reads the
+    # inputs once per prefix nor copies a prefix of them.
+
+    def matryoshka_lse(self, q: Tensor, k: Tensor, rq: Tensor | None, rk: Tensor | None, scale: Tensor,
+                       dims: list[int], need_cols: bool, labels: Tensor
+                       ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Statistics sweep of every prefix: ``row [P, 2, N]``, ``col [P, 2, M]`` (or None unless
+        ``need_cols``) split LSE statistics of ``z^p`` and ``z_pos [P, N]`` (``z^p[i, labels[i]]`` from the same
+        tiles); accumulation dtype.  ``rq [P, N]``, ``rk [P, M]`` in the accumulation dtype."""
+
+    def matryoshka_grad(self, q: Tensor, k: Tensor, rq: Tensor | None, rk: Tensor | None, scale: Tensor,
+                        dims: list[int], row: Tensor, col: Tensor | None, a: Tensor, w: Tensor | None,
+                        labels: Tensor, pos: Tensor, u: Tensor | None, v: Tensor | None
+                        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Gradient sweep: with, per prefix p,
+
+            ``G^p_ij = a_pi·softmax_row(z^p)_ij + w_pj·softmax_col(z^p)_ij - pos_pi·[j = labels_i] - u_pi - v_pj``
+
+        (``a``, ``pos``, ``u`` ``[P, N]``; ``w``, ``v`` ``[P, M]``; ``w``/``col`` None: one-way; ``u``/``v`` None:
+        0) and ``H^p = G^p ∘ rq^p rk^pᵀ``, returns ``dq_u [N, D]`` with ``dq_u[:, d_{l-1}:d_l] = (Σ_{p>=l} H^p)
+        k[:, d_{l-1}:d_l]``, ``dk_u [M, D]`` likewise with q, and the gradients of the loss with respect to the
+        inverse norms, ``drq^p_i = Σ_j G^p_ij·scale·cum^p_ij·rk^p_j`` ``[P, N]`` and ``drk`` ``[P, M]`` (None
+        without norms); accumulation dtype.  Weights may have any sign and be 0."""
+
     # -- structured targets (groups, exclude_self, false-negative margin, decoupled, hardness) --------------
     # Every tile (i, j) is described by the TARGET RULE below; the three sweeps share it.
     #

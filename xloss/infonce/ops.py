@@ -16,6 +16,14 @@ Structured targets (groups, exclude_self, margin, decoupled, hardness: the targe
 * ``xloss::info_nce_masked_grad(q, k, scale, qg, kg, self_offset?, decoupled, hardness, margin?, ref_r?, ref_c?,
   row, col?, a, w?, pa, pw?, engine)`` → ``(dq_u [N, D], dk_u [M, D])``
 
+Matryoshka prefixes (``dims``: the P prefix widths; ``rq``/``rk``: inverse prefix norms, absent without
+normalisation; see ``matryoshka.py``):
+
+* ``xloss::info_nce_matryoshka_lse(q, k, rq?, rk?, scale, labels, dims, need_cols, engine)`` →
+  ``(row [P, 2, N], col [P, 2, M] | [0], z_pos [P, N])``
+* ``xloss::info_nce_matryoshka_grad(q, k, rq?, rk?, scale, dims, row, col?, a, w?, labels, pos, u?, v?, engine)`` →
+  ``(dq_u [N, D], dk_u [M, D], drq [P, N] | [0], drk [P, M] | [0])``
+
 ``engine`` names the engine module ("chunked" or "triton", see ``xloss._dispatch``); an absent output is an
 empty tensor (custom ops cannot return None).
 """
@@ -112,6 +120,40 @@ def _(q, k, scale, qg, kg, self_offset, decoupled, hardness, margin, ref_r, ref_
     return q.new_empty(q.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
 
 
+@torch.library.custom_op("xloss::info_nce_matryoshka_lse", mutates_args=())
+def info_nce_matryoshka_lse(q: Tensor, k: Tensor, rq: Tensor | None, rk: Tensor | None, scale: Tensor,
+                            labels: Tensor, dims: list[int], need_cols: bool, engine: str
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    row, col, z_pos = _engine(engine).matryoshka_lse(q, k, rq, rk, scale, dims, need_cols, labels)
+    return row, (row.new_empty(0) if col is None else col), z_pos
+
+
+@info_nce_matryoshka_lse.register_fake
+def _(q, k, rq, rk, scale, labels, dims, need_cols, engine):
+    acc = accumulation_dtype(q.dtype)
+    n, m, p = q.shape[0], k.shape[0], len(dims)
+    return (q.new_empty((p, 2, n), dtype=acc), q.new_empty((p, 2, m) if need_cols else (0,), dtype=acc),
+            q.new_empty((p, n), dtype=acc))
+
+
+@torch.library.custom_op("xloss::info_nce_matryoshka_grad", mutates_args=())
+def info_nce_matryoshka_grad(q: Tensor, k: Tensor, rq: Tensor | None, rk: Tensor | None, scale: Tensor,
+                             dims: list[int], row: Tensor, col: Tensor | None, a: Tensor, w: Tensor | None,
+                             labels: Tensor, pos: Tensor, u: Tensor | None, v: Tensor | None, engine: str
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, drq, drk = _engine(engine).matryoshka_grad(q, k, rq, rk, scale, dims, row, col, a, w, labels, pos, u, v)
+    return dq, dk, (dq.new_empty(0) if drq is None else drq), (dq.new_empty(0) if drk is None else drk)
+
+
+@info_nce_matryoshka_grad.register_fake
+def _(q, k, rq, rk, scale, dims, row, col, a, w, labels, pos, u, v, engine):
+    acc = accumulation_dtype(q.dtype)
+    n, m, p = q.shape[0], k.shape[0], len(dims)
+    norms = rq is not None
+    return (q.new_empty(q.shape, dtype=acc), k.new_empty(k.shape, dtype=acc),
+            q.new_empty((p, n) if norms else (0,), dtype=acc), q.new_empty((p, m) if norms else (0,), dtype=acc))
+
+
 def lse(q, k, scale, labels, need_cols: bool, keep_logits: bool, engine: str):
     """``(row, col | None, z_pos, logits | None)`` through the op."""
     row, col, z_pos, logits = info_nce_lse(q, k, scale, labels, need_cols, keep_logits, engine)
@@ -142,5 +184,18 @@ def masked_grad(q, k, scale, qg, kg, rule, ref_r, ref_c, row, col, a, w, pa, pw,
                                 ref_r, ref_c, row, col, a, w, pa, pw, engine)
 
 
+def matryoshka_lse(q, k, rq, rk, scale, labels, dims: list[int], need_cols: bool, engine: str):
+    """``(row [P, 2, N], col [P, 2, M] | None, z_pos [P, N])`` through the op."""
+    row, col, z_pos = info_nce_matryoshka_lse(q, k, rq, rk, scale, labels, dims, need_cols, engine)
+    return row, (col if need_cols else None), z_pos
+
+
+def matryoshka_grad(q, k, rq, rk, scale, dims: list[int], row, col, a, w, labels, pos, u, v, engine: str):
+    """``(dq_u, dk_u, drq | None, drk | None)`` through the op."""
+    dq, dk, drq, drk = info_nce_matryoshka_grad(q, k, rq, rk, scale, dims, row, col, a, w, labels, pos, u, v, engine)
+    return dq, dk, (drq if rq is not None else None), (drk if rq is not None else None)
+
+
 __all__ = ["grad", "info_nce_grad", "info_nce_lse", "info_nce_masked_grad", "info_nce_masked_lse",
-           "info_nce_positive_max", "lse", "masked_grad", "masked_lse", "positive_max"]
+           "info_nce_matryoshka_grad", "info_nce_matryoshka_lse", "info_nce_positive_max", "lse", "masked_grad",
+           "masked_lse", "matryoshka_grad", "matryoshka_lse", "positive_max"]

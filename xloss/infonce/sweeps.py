@@ -192,3 +192,126 @@ def masked_grad(comm, q, k, keys, s, qg, kg, rule, ref_r, ref_c, row, col, a, w,
 
 def _acc(q):
     return accumulation_dtype(q.dtype)
+
+
+# ------------------------------------------------------------------------------ Matryoshka prefixes (issue 12)
+# The keys' inverse prefix norms rk [P, m] travel with the keys, in one message: ``_bundle`` appends their bits to
+# the key rows (an fp32 norm as two half-precision words when the keys are half), ``_unbundle`` takes them apart.
+# Per-prefix statistics are [P, 2, ·]; the dk accumulators carry the norms' gradients the same way ([m, D + P]).
+
+
+def _bundle(k, rk):
+    """``[m, D + c]``: the key rows and their inverse norms' bits (``k`` itself without norms)."""
+    if rk is None:
+        return k
+    r = rk.T.contiguous()
+    return torch.cat([k, r if r.dtype == k.dtype else r.view(k.dtype)], 1)
+
+
+def _unbundle(block, d: int, norms_dtype):
+    """``(k [m, D], rk [P, m] | None)`` of a bundle; ``norms_dtype`` None: there are no norms."""
+    if norms_dtype is None:
+        return block, None
+    r = block[:, d:]
+    if r.dtype != norms_dtype:
+        r = r.contiguous().view(norms_dtype)
+    return block[:, :d], r.T
+
+
+def _merge_prefix_stats(x, y):
+    """``merge_stats`` of per-prefix statistics ``[P, 2, ·]``."""
+    return _comm.merge_stats(x.transpose(0, 1), y.transpose(0, 1)).transpose(0, 1)
+
+
+def matryoshka_lse(comm, q, k, rq, rk, s, labels, dims, symmetric: bool, engine: str):
+    """``(row [P, 2, n], col [P, 2, M] | None, z_pos [P, n], keys | None)``: statistics of this rank's queries'
+    rows and of every key's column per prefix; ``keys`` the gathered key bundle (all_gather only, for backward)."""
+    dims = list(dims)
+    if comm.exchange == "ring":
+        row, col, z_pos = _ring_matryoshka_lse(comm, q, k, rq, rk, s, labels, dims, symmetric, engine)
+        if symmetric:  # every key's statistics, for the queries whose positive lives elsewhere
+            P, m = col.shape[0], col.shape[2]
+            full = comm.gather_keys(col.permute(2, 0, 1).reshape(m, 2 * P))
+            col = full.reshape(-1, P, 2).permute(1, 2, 0)
+        return row, col, z_pos, None
+    if comm.is_local:
+        row, col, z_pos = ops.matryoshka_lse(q, k, rq, rk, s, labels, dims, symmetric, engine)
+        return row, col, z_pos, None
+    keys = comm.gather_keys(_bundle(k, rk))
+    kk, rkk = _unbundle(keys, k.shape[1], None if rk is None else rk.dtype)
+    row, col, z_pos = ops.matryoshka_lse(q, kk, rq, rkk, s, labels, dims, symmetric, engine)
+    if symmetric:
+        P, M = col.shape[0], col.shape[2]
+        col = _comm.all_merge_stats(comm, col.transpose(0, 1).reshape(2, P * M)).reshape(2, P, M).transpose(0, 1)
+    return row, col, z_pos, keys
+
+
+def _ring_matryoshka_lse(comm, q, k, rq, rk, s, labels, dims, symmetric, engine):
+    """As ``_ring_lse``, per prefix; the keys' inverse norms travel with them."""
+    row = col_works = col_in = sent = z_pos = None
+    lay = comm.layout
+    d, norms = k.shape[1], None if rk is None else rk.dtype
+    for t, (off, mb, block) in enumerate(_comm.KeyRing(comm, _bundle(k, rk))):
+        kb, rkb = _unbundle(block, d, norms)
+        rel, inside = _comm.block_labels(labels, off, mb)
+        r_part, c_part, zp = ops.matryoshka_lse(q, kb, rq, rkb, s, rel, dims, symmetric, engine)
+        row = r_part if row is None else _merge_prefix_stats(row, r_part)
+        z_pos = torch.where(inside, zp, zp.new_zeros(()) if z_pos is None else z_pos)
+        if symmetric:
+            if t > 0:  # this block's statistics from the ranks it visited before
+                _comm.wait(col_works)
+                c_part = _merge_prefix_stats(col_in, c_part)
+            b = (comm.rank - t) % comm.size
+            col_in = c_part.new_empty(c_part.shape[0], 2, lay.m[(b - 1) % comm.size])
+            sent = c_part.contiguous()  # kept alive until its work is waited on
+            col_works = comm.ring(sent, col_in, _comm.TAG_COL)  # the last hop returns it to its owner
+    _comm.wait(col_works)
+    del sent
+    return row, col_in, z_pos
+
+
+def matryoshka_grad(comm, q, k, keys, rq, rk, s, dims, row, col, a, w, labels, pos, u, v, engine: str):
+    """``(dq [n, D], dk [m, D], drq [P, n] | None, drk [P, m] | None)``: the per-prefix weights ``a``, ``pos``,
+    ``u`` are this rank's queries' (``[P, n]``), ``w``, ``v`` and ``col`` every key's (``[P, M]``, global);
+    ``dk`` and ``drk`` complete (summed over every rank's queries) for this rank's keys."""
+    dims = list(dims)
+    if comm.exchange == "ring":
+        return _ring_matryoshka_grad(comm, q, k, rq, rk, s, dims, row, col, a, w, labels, pos, u, v, engine)
+    if comm.is_local:
+        return ops.matryoshka_grad(q, k, rq, rk, s, dims, row, col, a, w, labels, pos, u, v, engine)
+    d = k.shape[1]
+    kk, rkk = _unbundle(keys, d, None if rk is None else rk.dtype)
+    dq, dk, drq, drk = ops.matryoshka_grad(q, kk, rq, rkk, s, dims, row, col, a, w, labels, pos, u, v, engine)
+    if drk is None:
+        return dq, comm.scatter_keys(dk), None, None
+    both = comm.scatter_keys(torch.cat([dk, drk.T], 1))
+    return dq, both[:, :d], drq, both[:, d:].T
+
+
+def _ring_matryoshka_grad(comm, q, k, rq, rk, s, dims, row, col, a, w, labels, pos, u, v, engine):
+    """As ``_ring_grad``: the accumulator of each key block (``[m_b, D]``, plus ``[m_b, P]`` for the norms'
+    gradients) travels around the ring and arrives back, complete, at its owner."""
+    d, norms = k.shape[1], None if rk is None else rk.dtype
+    P = a.shape[0]
+    dq = drq = None
+    dk_ring = _comm.AccRing(comm, d + (0 if rk is None else P), a.dtype, q.device)
+
+    def part(x, blk):
+        return None if x is None else x[..., blk]
+
+    for off, mb, block in _comm.KeyRing(comm, _bundle(k, rk)):
+        kb, rkb = _unbundle(block, d, norms)
+        blk = slice(off, off + mb)
+        rel, inside = _comm.block_labels(labels, off, mb)
+        p = torch.where(inside, pos, pos.new_zeros(()))  # target entries of the queries whose positive is here
+        dq_b, dk_b, drq_b, drk_b = ops.matryoshka_grad(q, kb, rq, rkb, s, dims, row, part(col, blk), a,
+                                                       part(w, blk), rel, p, u, part(v, blk), engine)
+        dq = dq_b if dq is None else dq.add_(dq_b)
+        if drq_b is not None:
+            drq = drq_b if drq is None else drq.add_(drq_b)
+        dk_ring.add_and_pass(dk_b if drk_b is None else torch.cat([dk_b, drk_b.T], 1))
+        del dk_b
+    both = dk_ring.finish()
+    if rk is None:
+        return dq, both, None, None
+    return dq, both[:, :d], drq, both[:, d:].T

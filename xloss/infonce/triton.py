@@ -45,6 +45,11 @@ thresholds ``ref + margin`` once, so every sweep compares the dots with the same
 The negatives' ``ẑ`` is ``(scale + hardness)·dot`` (one rounding that only a select consumes), not
 ``z + hardness·dot``, whose FMA contraction could differ between the forward and the backward.
 
+Matryoshka prefixes (issue 12, ``matryoshka_lse`` / ``matryoshka_grad``) have their own two kernels,
+``_mrl_lse_kernel`` and ``_mrl_grad_kernel`` (at the end of this file): a tile accumulates the dots of the D
+slices between consecutive prefix widths and derives every prefix's logits from them; the per-prefix state lives
+in register tuples (``tl.static_range`` over the P prefixes).
+
 Why split statistics: a softmax entry formed as ``exp(z - lse)`` with ``lse`` one fp32 number of size |z|
 (~100 at CLIP's logit scale) carries an error of |z|·eps in every entry, which the cancellation
 ``P - onehot`` of the InfoNCE gradient turns into gradients 6-800× less accurate than PyTorch's
@@ -774,3 +779,342 @@ def masked_grad(q, k, scale, qg, kg, self_offset, decoupled, hardness, margin, r
     dq.mul_(c)
     dk.mul_(c)
     return dq, dk
+
+
+# ------------------------------------------------------------------------------------- Matryoshka prefixes
+# Prefixes d_1 < ... < d_P of D (issue 12, see matryoshka.py).  A tile accumulates the dots of the D slices
+# [d_{p-1}, d_p) in order, cum^p = Σ_{l <= p} <q_i[slice_l], k_j[slice_l]>, and forms every prefix's logits
+# z^p = (cum^p·scale)·rq^p_i·rk^p_j from it: the inputs are read once per tile, never once per prefix.
+#
+# * ``_mrl_lse_kernel``: the statistics of ``_lse_kernel`` per prefix.  The running row statistics, the positive
+#   logits and the inverse row norms of the P prefixes are tuples of [BLOCK_M] vectors (loop-carried registers);
+#   the column partials go to ``[P, row blocks, M]`` buffers as ``_lse_kernel``'s.
+# * ``_mrl_grad_kernel``: recomputes cum^1..cum^P of a tile (a tuple of P register tiles), then runs the prefixes
+#   from the widest down: ``G^p`` (``_grad_kernel``'s softmax parts, minus the target entries and smoothing's
+#   uniform parts), ``H^p = G^p·rq^p_i·rk^p_j``, the suffix sum ``S = Σ_{l>=p} H^l`` and, for slice p only,
+#   ``dq[:, slice_p] += S k[:, slice_p]``, ``dk[:, slice_p] += Sᵀ q[:, slice_p]``: one GEMM sweep over D in all.
+#   The inverse norms' gradients are row / column sums of ``G^p·(cum^p·scale)`` weighted by the other side's norms.
+#   Targets are given as ids (``rg_i == cg_j``: labels against ``arange(M)``), so that deterministic mode can
+#   swap the roles of q and k for its atomic-free dk launch, as ``grad`` does.
+#
+# Tiles (GPU): narrower than the plain kernels', for the P live dot tiles.  Static sm_90 report at P = 5, bf16
+# (tools/check_triton_compiles.py --report): the forward (128, 32), 8 warps, has no spill; the backward spills
+# ~4 KB per thread at (64, 32), 8 warps (8 KB at (64, 64); ~1.7 KB already at P = 1), the least of the shapes tried.
+# Same BLOCK_D chunks in both sweeps: the backward recomputes the forward's dots bit for bit.
+if _SMALL_TILES:
+    MRL_FWD_CONFIG = (32, 32, 32, 4, 1)
+    MRL_BWD_CONFIG = (32, 32, 32, 4, 1)
+else:
+    MRL_FWD_CONFIG = (128, 32, 64, 8, 2)
+    MRL_BWD_CONFIG = (64, 32, 64, 8, 2)
+assert MRL_FWD_CONFIG[2] == MRL_BWD_CONFIG[2]
+
+
+@triton.jit
+def _slice_dots(acc, r_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, lo, hi, stride_r, stride_c,
+                BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + <r_i[lo:hi], c_j[lo:hi]>`` of one tile, in BLOCK_D chunks from ``lo`` (the tail masked to 0)."""
+    for d0 in range(lo, hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < hi
+        r_c = tl.load(r_ptr + offs_m[:, None] * stride_r + offs_d[None, :],
+                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        c_c = tl.load(c_ptr + offs_n[:, None] * stride_c + offs_d[None, :],
+                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc += tl.dot(r_c, tl.trans(c_c), input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _mrl_lse_kernel(
+    q_ptr, k_ptr,  # [N, D], [M, D] fp32/fp16/bf16, unit stride along D
+    rq_ptr, rk_ptr,  # [P, N], [P, M] fp32 inverse prefix norms (NORMS)
+    scale_ptr,  # [] fp32
+    bounds_ptr,  # [P + 1] int64: 0 = d_0 < d_1 < ... < d_P
+    pmax_r_ptr, psum_r_ptr,  # [P, split, N] fp32 out: row max of z^p, Σ exp(z^p - max), per column split
+    pmax_c_ptr, psum_c_ptr,  # [P, cdiv(N, BLOCK_M), M] fp32 out: the same per column, per row block (NEED_COLS)
+    labels_ptr,  # [N] int64: each row's positive column
+    zpos_ptr,  # [P, N] fp32 out: z^p[i, labels[i]], stored by the program whose columns hold the label
+    N, M, stride_qn, stride_kn, cols_per_split, split, row_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    P: tl.constexpr, NORMS: tl.constexpr, NEED_COLS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # grid: (cdiv(N, BLOCK_M), split), as _lse_kernel.
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    scale = tl.load(scale_ptr).to(tl.float32)
+    label = tl.load(labels_ptr + offs_m, mask=row_ok, other=-1).to(tl.int64)
+    m_t = ()  # per prefix: running max of z over the columns seen
+    l_t = ()  # running Σ exp(z - max)
+    zp_t = ()  # the positive logit once its tile is seen (+0.0 terms elsewhere: exact)
+    rq_t = ()  # the rows' inverse norms
+    for p in tl.static_range(P):
+        m_t = m_t + (tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),)
+        l_t = l_t + (tl.zeros([BLOCK_M], dtype=tl.float32),)
+        zp_t = zp_t + (tl.zeros([BLOCK_M], dtype=tl.float32),)
+        if NORMS:
+            rq_t = rq_t + (tl.load(rq_ptr + p * N + offs_m, mask=row_ok, other=0.0),)
+    n_lo = pid_s * cols_per_split
+    n_hi = tl.minimum(n_lo + cols_per_split, M)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = offs_n < M
+        cum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        new_m = ()
+        new_l = ()
+        new_zp = ()
+        for p in tl.static_range(P):
+            cum = _slice_dots(cum, q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, tl.load(bounds_ptr + p),
+                              tl.load(bounds_ptr + p + 1), stride_qn, stride_kn, BLOCK_D, INPUT_PRECISION)
+            z = cum * scale  # masked rows/cols read zeros (and zero norms): every entry is finite
+            if NORMS:
+                rk_p = tl.load(rk_ptr + p * M + offs_n, mask=col_ok, other=0.0)
+                z = z * rq_t[p][:, None] * rk_p[None, :]
+            z_r = tl.where(col_ok[None, :], z, float("-inf"))
+            m_p = tl.maximum(m_t[p], tl.max(z_r, 1))
+            new_l = new_l + (l_t[p] * tl.exp2((m_t[p] - m_p) * _LOG2E)
+                             + tl.sum(tl.exp2((z_r - m_p[:, None]) * _LOG2E), 1),)
+            new_m = new_m + (m_p,)
+            new_zp = new_zp + (zp_t[p] + tl.sum(tl.where(offs_n[None, :] == label[:, None], z, 0.0), 1),)
+            if NEED_COLS:
+                z_c = tl.where(row_ok[:, None], z, float("-inf"))
+                c_max = tl.max(z_c, 0)
+                c_sum = tl.sum(tl.exp2((z_c - c_max[None, :]) * _LOG2E), 0)
+                tl.store(pmax_c_ptr + (p * row_blocks + pid_m) * M + offs_n, c_max, mask=col_ok)
+                tl.store(psum_c_ptr + (p * row_blocks + pid_m) * M + offs_n, c_sum, mask=col_ok)
+        m_t = new_m
+        l_t = new_l
+        zp_t = new_zp
+    has_label = row_ok & (label >= n_lo) & (label < n_hi)
+    for p in tl.static_range(P):
+        tl.store(pmax_r_ptr + (p * split + pid_s) * N + offs_m, m_t[p], mask=row_ok)
+        tl.store(psum_r_ptr + (p * split + pid_s) * N + offs_m, l_t[p], mask=row_ok)
+        tl.store(zpos_ptr + p * N + offs_m, zp_t[p], mask=has_label)
+
+
+@triton.jit
+def _mrl_grad_kernel(
+    r_ptr, c_ptr,  # [R, D] "rows", [C, D] "columns": q and k (swapped for the dk launch of deterministic mode)
+    nr_ptr, nc_ptr,  # [P, R], [P, C] fp32 inverse prefix norms (NORMS)
+    scale_ptr,  # [] fp32
+    bounds_ptr,  # [P + 1] int64 prefix bounds
+    st_r_ptr,  # [P, 3, R] fp32 (ROW_TERM): per prefix the row max, shift = logsum - log|a|, sign(a)
+    st_c_ptr,  # [P, 3, C] fp32 (COL_TERM): the same per column
+    rg_ptr, cg_ptr,  # [R], [C] int64 ids: (i, j) is a target entry iff rg_i == cg_j
+    pr_ptr, pc_ptr,  # [P, R], [P, C] fp32 target weights: G -= [rg_i == cg_j]·(pr_i + pc_j)
+    ur_ptr, uc_ptr,  # [P, R], [P, C] fp32 uniform parts of label smoothing: G -= ur_i + uc_j (SMOOTH)
+    d_r_ptr,  # [R, D] fp32 in/out (contiguous): += S c, per slice
+    d_c_ptr,  # [C, D] fp32 in/out (contiguous): += Sᵀ r with atomics (COMPUTE_DC)
+    dn_r_ptr,  # [P, R] fp32 in/out: the gradient of the rows' inverse norms (NORMS)
+    dn_c_ptr,  # [P, C] fp32 in/out: the columns', with atomics (NORMS and COMPUTE_DC)
+    R, C, D, stride_r, stride_c, cols_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr,
+    NORMS: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, SMOOTH: tl.constexpr,
+    COMPUTE_DC: tl.constexpr, ROW_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # grid: (cdiv(R, BLOCK_M), split).  z^p recomputed exactly as _mrl_lse_kernel forms it (same slices, chunks
+    # and products), the max subtracted first as in _grad_kernel.
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < R
+    scale = tl.load(scale_ptr).to(tl.float32)
+    rg = tl.load(rg_ptr + offs_m, mask=row_ok, other=-1)
+    # The per-row vectors of each prefix are (re)loaded in every tile, from cache: kept live across the column
+    # loop, 6·P of them would crowd out the P dot tiles in registers.  Only the norm gradients are carried.
+    dn_t = ()
+    for p in tl.static_range(P):
+        if NORMS:
+            dn_t = dn_t + (tl.zeros([BLOCK_M], dtype=tl.float32),)
+    offs_d0 = tl.arange(0, BLOCK_D)
+    n_lo = pid_s * cols_per_split
+    n_hi = tl.minimum(n_lo + cols_per_split, C)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = offs_n < C
+        ok = row_ok[:, None] & col_ok[None, :]
+        cg = tl.load(cg_ptr + offs_n, mask=col_ok, other=-2)
+        y = ok & (rg[:, None] == cg[None, :])
+        cums = ()  # cum^1 .. cum^P of this tile
+        cum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for p in tl.static_range(P):
+            cum = _slice_dots(cum, r_ptr, c_ptr, offs_m, offs_n, row_ok, col_ok, tl.load(bounds_ptr + p),
+                              tl.load(bounds_ptr + p + 1), stride_r, stride_c, BLOCK_D, INPUT_PRECISION)
+            cums = cums + (cum,)
+        s_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # Σ_{l >= p} H^l
+        new_dn = ()
+        for p in tl.static_range(P - 1, -1, -1):  # the widest prefix first
+            z = cums[p] * scale
+            if NORMS:
+                nr_p = tl.load(nr_ptr + p * R + offs_m, mask=row_ok, other=0.0)
+                nc_p = tl.load(nc_ptr + p * C + offs_n, mask=col_ok, other=0.0)
+                z = z * nr_p[:, None] * nc_p[None, :]
+            z = tl.where(ok, z, float("-inf"))  # out of range: both exponentials exactly 0
+            g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if ROW_TERM:
+                max_r = tl.load(st_r_ptr + (p * 3) * R + offs_m, mask=row_ok, other=0.0)
+                shift2_r = tl.load(st_r_ptr + (p * 3 + 1) * R + offs_m, mask=row_ok, other=0.0) * _LOG2E
+                sign_r = tl.load(st_r_ptr + (p * 3 + 2) * R + offs_m, mask=row_ok, other=0.0)
+                g += sign_r[:, None] * tl.exp2((z - max_r[:, None]) * _LOG2E - shift2_r[:, None])
+            if COL_TERM:
+                max_c = tl.load(st_c_ptr + (p * 3) * C + offs_n, mask=col_ok, other=0.0)
+                shift2_c = tl.load(st_c_ptr + (p * 3 + 1) * C + offs_n, mask=col_ok, other=0.0) * _LOG2E
+                sign_c = tl.load(st_c_ptr + (p * 3 + 2) * C + offs_n, mask=col_ok, other=0.0)
+                g += sign_c[None, :] * tl.exp2((z - max_c[None, :]) * _LOG2E - shift2_c[None, :])
+            pr = tl.load(pr_ptr + p * R + offs_m, mask=row_ok, other=0.0)
+            pc = tl.load(pc_ptr + p * C + offs_n, mask=col_ok, other=0.0)
+            g -= tl.where(y, pr[:, None] + pc[None, :], 0.0)
+            if SMOOTH:
+                ur = tl.load(ur_ptr + p * R + offs_m, mask=row_ok, other=0.0)
+                uc = tl.load(uc_ptr + p * C + offs_n, mask=col_ok, other=0.0)
+                g -= tl.where(ok, ur[:, None] + uc[None, :], 0.0)
+            if NORMS:
+                t = g * (cums[p] * scale)  # ∂z^p/∂nr_i = (cum·scale)·nc_j, and likewise per column
+                new_dn = (dn_t[p] + tl.sum(t * nc_p[None, :], 1),) + new_dn
+                if COMPUTE_DC:
+                    tl.atomic_add(dn_c_ptr + p * C + offs_n, tl.sum(t * nr_p[:, None], 0), mask=col_ok,
+                                  sem="relaxed")
+                g = g * nr_p[:, None] * nc_p[None, :]
+            s_acc += g
+            s_in = s_acc.to(r_ptr.dtype.element_ty)  # half inputs: half S for tensor-core dots, as _grad_kernel
+            for d0 in range(tl.load(bounds_ptr + p), tl.load(bounds_ptr + p + 1), BLOCK_D):
+                offs_d = d0 + offs_d0
+                d_ok = offs_d < tl.load(bounds_ptr + p + 1)
+                c_c = tl.load(c_ptr + offs_n[:, None] * stride_c + offs_d[None, :],
+                              mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+                dr_ptrs = d_r_ptr + offs_m[:, None] * D + offs_d[None, :]
+                dr_mask = row_ok[:, None] & d_ok[None, :]
+                dr_c = tl.dot(s_in, c_c, input_precision=INPUT_PRECISION)
+                if ROW_ATOMIC:
+                    tl.atomic_add(dr_ptrs, dr_c, mask=dr_mask, sem="relaxed")
+                else:
+                    tl.store(dr_ptrs, tl.load(dr_ptrs, mask=dr_mask, other=0.0) + dr_c, mask=dr_mask)
+                if COMPUTE_DC:
+                    r_c = tl.load(r_ptr + offs_m[:, None] * stride_r + offs_d[None, :], mask=dr_mask, other=0.0)
+                    dc_c = tl.dot(tl.trans(s_in), r_c, input_precision=INPUT_PRECISION)
+                    tl.atomic_add(d_c_ptr + offs_n[:, None] * D + offs_d[None, :], dc_c,
+                                  mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
+        if NORMS:
+            dn_t = new_dn
+    if NORMS:
+        for p in tl.static_range(P):
+            if ROW_ATOMIC:
+                tl.atomic_add(dn_r_ptr + p * R + offs_m, dn_t[p], mask=row_ok, sem="relaxed")
+            else:
+                tl.store(dn_r_ptr + p * R + offs_m, dn_t[p], mask=row_ok)
+
+
+def _bounds(dims, device) -> torch.Tensor:
+    return torch.tensor((0, *dims), dtype=torch.int64, device=device)
+
+
+def _merge_prefixes(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
+    """``_merge`` per prefix: partials ``[P, B, L]`` → ``[P, 2, L]``."""
+    p, b, n = pmax.shape
+    merged = _merge(pmax.transpose(0, 1).reshape(b, p * n), psum.transpose(0, 1).reshape(b, p * n))
+    return merged.view(2, p, n).transpose(0, 1)
+
+
+def matryoshka_lse(q, k, rq, rk, scale, dims, need_cols: bool, labels):
+    """Per-prefix split LSE statistics and positive logits, one ``_mrl_lse_kernel`` sweep (``InfoNCEEngine``).
+
+    Returns ``row [P, 2, N]``, ``col [P, 2, M]`` (or None), ``z_pos [P, N]``, float32.
+    """
+    q, k = _common.unit_stride_rows("info_nce", q, k)
+    dev = q.device
+    f32 = {"dtype": torch.float32, "device": dev}
+    P, n, m = len(dims), q.shape[0], k.shape[0]
+    block_m, block_n, chunk, num_warps, num_stages = MRL_FWD_CONFIG
+    row_blocks, col_blocks = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
+    split, cols_per_split = _split(row_blocks, col_blocks, block_n, dev)
+    part_r = torch.empty(2, P, split, n, **f32)
+    part_c = torch.empty(2, P, row_blocks, m, **f32) if need_cols else part_r
+    z_pos = torch.full((P, n), float("nan"), **f32)  # every entry written once
+    norms = rq is not None
+    rq_arg = rq.to(**f32).contiguous() if norms else z_pos
+    rk_arg = rk.to(**f32).contiguous() if norms else z_pos
+    labels = labels.to(device=dev, dtype=torch.int64).contiguous()
+    _mrl_lse_kernel[(row_blocks, split)](
+        q, k, rq_arg, rk_arg, _scale_arg(scale, dev), _bounds(dims, dev), part_r[0], part_r[1], part_c[0],
+        part_c[1], labels, z_pos, n, m, q.stride(0), k.stride(0), cols_per_split, split, row_blocks,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=chunk, P=P, NORMS=norms, NEED_COLS=need_cols,
+        INPUT_PRECISION=_common.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    row = _merge_prefixes(part_r[0], part_r[1])
+    col = _merge_prefixes(part_c[0], part_c[1]) if need_cols else None
+    return row, col, z_pos
+
+
+def _launch_mrl_grad(rows, cols, n_rows, n_cols, scale, bounds, st_rows, st_cols, g_rows, g_cols, p_rows, p_cols,
+                     u_rows, u_cols, d_rows, d_cols, dn_rows, dn_cols, atomic: bool):
+    """One ``_mrl_grad_kernel`` sweep over row blocks of ``rows`` (see ``_launch_grad``); ``d_cols``/``dn_cols``
+    only when ``atomic``; ``n_rows`` None: no norms; ``u_rows`` None: no smoothing."""
+    n, d = rows.shape
+    m = cols.shape[0]
+    P = bounds.shape[0] - 1
+    block_m, block_n, chunk, num_warps, num_stages = MRL_BWD_CONFIG
+    row_blocks, col_blocks = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
+    split, cols_per_split = _split(row_blocks, col_blocks, block_n, rows.device, allow=atomic)
+    dummy = d_rows  # never read: its constexpr flag is off
+    norms, smooth = n_rows is not None, u_rows is not None
+
+    def arg(x):
+        return dummy if x is None else x
+
+    _mrl_grad_kernel[(row_blocks, split)](
+        rows, cols, arg(n_rows), arg(n_cols), scale, bounds, arg(st_rows), arg(st_cols), g_rows, g_cols, p_rows,
+        p_cols, arg(u_rows), arg(u_cols), d_rows, arg(d_cols if atomic else None), arg(dn_rows),
+        arg(dn_cols if atomic else None), n, m, d, rows.stride(0), cols.stride(0), cols_per_split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=chunk, P=P, NORMS=norms, ROW_TERM=st_rows is not None,
+        COL_TERM=st_cols is not None, SMOOTH=smooth, COMPUTE_DC=atomic, ROW_ATOMIC=split > 1,
+        INPUT_PRECISION=_common.input_precision(rows.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _prefix_kernel_stats(stats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``_kernel_stats`` per prefix: ``[P, 2, L]`` statistics and ``[P, L]`` weights → ``[P, 3, L]``."""
+    return torch.stack((stats[:, 0], stats[:, 1] - torch.log(weight.abs()), torch.sign(weight)), 1).contiguous()
+
+
+def matryoshka_grad(q, k, rq, rk, scale, dims, row, col, a, w, labels, pos, u, v):
+    """One recomputing ``_mrl_grad_kernel`` sweep (two in deterministic mode): ``(dq_u [N, D], dk_u [M, D],
+    drq [P, N] | None, drk [P, M] | None)``, float32, as ``chunked.matryoshka_grad`` (``InfoNCEEngine``)."""
+    q, k = _common.unit_stride_rows("info_nce", q, k)
+    dev = q.device
+    f32 = {"dtype": torch.float32, "device": dev}
+    P, (n, d), m = len(dims), q.shape, k.shape[0]
+    cols = col is not None
+    a, pos = a.to(**f32), pos.to(**f32)
+    w = w.to(**f32) if cols else None
+    c = _pow2_norm(a, w)  # as grad: max |weight| in (1/2, 1] by an exact power of two, undone on the outputs
+    st_r = _prefix_kernel_stats(row.to(**f32), a / c)
+    st_c = _prefix_kernel_stats(col.to(**f32), w / c) if cols else None
+    p_q, p_k = (pos / c).contiguous(), torch.zeros(P, m, **f32)
+    u_q = u_k = None
+    if u is not None:
+        u_q = (u.to(**f32) / c).contiguous()
+        u_k = torch.zeros(P, m, **f32) if v is None else (v.to(**f32) / c).contiguous()
+    norms = rq is not None
+    n_q = rq.to(**f32).contiguous() if norms else None
+    n_k = rk.to(**f32).contiguous() if norms else None
+    g_q = labels.to(device=dev, dtype=torch.int64).contiguous()  # target entries: labels[i] == j
+    g_k = torch.arange(m, device=dev, dtype=torch.int64)
+    s, bounds = _scale_arg(scale, dev), _bounds(dims, dev)
+    dq, dk = torch.zeros(n, d, **f32), torch.zeros(m, d, **f32)
+    drq, drk = (torch.zeros(P, n, **f32), torch.zeros(P, m, **f32)) if norms else (None, None)
+    if _common.deterministic():
+        _launch_mrl_grad(q, k, n_q, n_k, s, bounds, st_r, st_c, g_q, g_k, p_q, p_k, u_q, u_k, dq, None, drq, None,
+                         atomic=False)
+        _launch_mrl_grad(k, q, n_k, n_q, s, bounds, st_c, st_r, g_k, g_q, p_k, p_q, u_k, u_q, dk, None, drk, None,
+                         atomic=False)  # Gᵀ: roles swapped
+    else:
+        _launch_mrl_grad(q, k, n_q, n_k, s, bounds, st_r, st_c, g_q, g_k, p_q, p_k, u_q, u_k, dq, dk, drq, drk,
+                         atomic=True)
+    dq.mul_(c)
+    dk.mul_(c)
+    if norms:
+        drq.mul_(c)
+        drk.mul_(c)
+    return dq, dk, drq, drk

@@ -19,6 +19,10 @@ Structured targets (issue 11; any of ``query_groups``/``key_groups``, ``exclude_
 * column term   the same per key over the queries (``symmetric``)
 * loss          ``"mean"``: ``½(Σ r / #rows with a positive + Σ c / #columns with a positive)`` (one-way: the row
   part alone); ``"sum"``: ``½(Σ r + Σ c)``; ``"none"``: ``r`` (one-way) or ``½(r_i + c_{labels[i]})``
+
+Matryoshka (issue 12; ``matryoshka_dims`` ``d_1 < … < d_P``): ``Σ_m w_m · info_nce(q̂_m, k̂_m)`` with ``q̂_m =
+q[:, :d_m]``, ``F.normalize``-d per row when ``matryoshka_normalize`` (sentence-transformers' ``MatryoshkaLoss``),
+every other option applied to each term: a literal loop over the prefixes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def info_nce(
     false_negative_margin: float | None = None,
     decoupled: bool = False,
     hardness: float = 0.0,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
+    matryoshka_normalize: bool = True,
 ) -> torch.Tensor:
     """Naive symmetric InfoNCE.
 
@@ -64,10 +71,26 @@ def info_nce(
         false_negative_margin: drop negatives scoring above the row's best positive plus this margin.
         decoupled: drop the positives from the log-sum-exp (DCL).
         hardness: ``α``: negatives' logits get ``α·sg(<q, k>)`` added.
+        matryoshka_dims: prefix widths ``d_m``: the sum over prefixes, weighted by ``matryoshka_weights``
+            (default 1), of this loss on ``q[:, :d_m]``, ``k[:, :d_m]``, each L2-normalised per row when
+            ``matryoshka_normalize``.
 
     Returns:
         The loss (0-dim) or the ``[N]`` per-query terms.
     """
+    if matryoshka_dims is not None:
+        weights = [1.0] * len(matryoshka_dims) if matryoshka_weights is None else matryoshka_weights
+        total = 0.0
+        for d, w in zip(matryoshka_dims, weights):
+            q, k = query[:, :d], key[:, :d]
+            if matryoshka_normalize:
+                q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+            total = total + w * info_nce(
+                q, k, logit_scale=logit_scale, temperature=temperature, labels=labels, symmetric=symmetric,
+                label_smoothing=label_smoothing, reduction=reduction, query_groups=query_groups,
+                key_groups=key_groups, exclude_self=exclude_self, false_negative_margin=false_negative_margin,
+                decoupled=decoupled, hardness=hardness)
+        return total
     if temperature is not None:
         logit_scale = 1.0 / temperature
     if logit_scale is None:

@@ -12,4 +12,5 @@ from . import gram  # noqa: F401
 from . import banzhaf  # noqa: F401
 from . import sigmoid  # noqa: F401
 from . import soft_targets  # noqa: F401  (distill, cwcl)
+from . import gradcache  # noqa: F401  (MiniLM steps through xloss.GradCache against uncached ones)
 # isort: on

@@ -127,3 +127,72 @@ register(
         flops=lambda shape: 8.0 * shape[0] * shape[1] * shape[2],
     )
 )
+
+
+# Matryoshka InfoNCE (issue 12): five nested prefixes of D = 768, each L2-normalised (cosine logits), weights 1,
+# symmetric.  xloss computes every prefix from one sweep; naive is the reference's literal loop (five dense losses,
+# all five graphs alive until backward); "separate" is five ``xloss.info_nce`` calls on the normalised prefixes.
+MATRYOSHKA_DIMS = (64, 128, 256, 512, 768)
+MATRYOSHKA_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss scale
+
+
+def matryoshka_dims(d: int) -> tuple[int, ...]:
+    """The prefixes for a feature width ``d``: those of ``MATRYOSHKA_DIMS`` below it, and ``d`` itself."""
+    return (*(x for x in MATRYOSHKA_DIMS if x < d), d)
+
+
+def info_nce_matryoshka_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+    """``info_nce_inputs`` with a scale of 20 and the prefixes ``dims`` (a tuple of ints)."""
+    inputs = info_nce_inputs(shape, dtype, device)
+    inputs["scale"] = torch.tensor(MATRYOSHKA_SCALE, device=device, requires_grad=True)
+    inputs["dims"] = matryoshka_dims(shape[2])
+    return inputs
+
+
+def _matryoshka_xloss(inputs: dict) -> None:
+    import xloss
+
+    xloss.info_nce(inputs["q"], inputs["k"], logit_scale=inputs["scale"], matryoshka_dims=inputs["dims"]).backward()
+
+
+def _matryoshka_naive(inputs: dict) -> None:
+    from xloss import reference
+
+    reference.info_nce(inputs["q"], inputs["k"], logit_scale=inputs["scale"],
+                       matryoshka_dims=inputs["dims"]).backward()
+
+
+def _matryoshka_separate(inputs: dict) -> None:
+    import torch.nn.functional as F
+
+    import xloss
+
+    q, k, s = inputs["q"], inputs["k"], inputs["scale"]
+    total = sum(xloss.info_nce(F.normalize(q[:, :d], dim=1), F.normalize(k[:, :d], dim=1), logit_scale=s)
+                for d in inputs["dims"])
+    total.backward()
+
+
+def _matryoshka_naive_peak(shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
+    # Every prefix's graph (logits and both log-softmaxes, ~3 N·M each) lives until backward, which adds the
+    # gradients of the last ones.
+    n, m, d = shape
+    size = torch.empty((), dtype=dtype).element_size()
+    return int((3 * len(matryoshka_dims(d)) + 2) * n * m * size + 4 * (n + m) * d * size)
+
+
+register(
+    Family(
+        name="info_nce_matryoshka",
+        make_inputs=info_nce_matryoshka_inputs,
+        xloss=Impl("xloss", "xloss.info_nce(matryoshka_dims=(64, ..., 768))", _matryoshka_xloss,
+                   xloss_backend("info_nce")),
+        naive=Impl("naive", "xloss.reference.info_nce(matryoshka_dims=...) (a loop of dense losses)",
+                   _matryoshka_naive, lambda device: "reference", estimate_peak_bytes=_matryoshka_naive_peak),
+        extras={
+            "separate": Impl("separate", "5 × xloss.info_nce on the normalised prefixes, summed",
+                             _matryoshka_separate, xloss_backend("info_nce")),
+        },
+        flops=lambda shape: 8.0 * shape[0] * shape[1] * shape[2],  # 4 GEMM sweeps over D, whatever the prefixes
+    )
+)
