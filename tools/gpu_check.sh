@@ -41,7 +41,7 @@ xloss.available_backends())" | tee "$OUT/environment.txt"
 
 TRITON_TESTS=(tests/test_info_nce_triton.py tests/test_infonce_targets_triton.py tests/test_sigmoid_triton.py
               tests/test_late_interaction_triton.py tests/test_gram_triton.py tests/test_symile_triton.py)
-for t in tests/test_soft_targets_triton.py; do [ -f "$t" ] && TRITON_TESTS+=("$t"); done
+for t in tests/test_soft_targets_triton.py tests/test_infonce_matryoshka.py; do [ -f "$t" ] && TRITON_TESTS+=("$t"); done
 
 if [ "$TINY" = 1 ]; then
   export TRITON_INTERPRET=1
