@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from xloss import bench
+from xloss import _dispatch, bench
 
 
 def _read_csv(path):
@@ -33,7 +33,10 @@ def test_quick_run_writes_csv(tmp_path, capsys):
                     "time_ratio", "mem_ratio"):
             assert float(row[key]) > 0, key
         assert row["device"] == "cpu" and row["device_name"] and row["dtype"] == "float32"
-        assert row["backend"] == "chunked" and row["baseline_backend"] == "reference"
+        # The engine "auto" took is recorded: the dense path up to DENSE_CELLS, the chunked sweep beyond.
+        n, m = int(row["n"]), int(row["m"])
+        expected = _dispatch.resolve("info_nce", "auto", torch.device("cpu"), torch.float32, local=True, cells=n * m)
+        assert row["backend"] == expected and row["baseline_backend"] == "reference"
         assert row["runs"] == "1" and len(row["xloss_times_s"].split()) == 1
         assert row["torch_version"] and row["xloss_version"] and row["date"]
     table = capsys.readouterr().out

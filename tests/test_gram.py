@@ -300,10 +300,13 @@ def test_one_function_and_engine_names(monkeypatch):
                  if inspect.isclass(v) and issubclass(v, torch.autograd.Function) and v is not torch.autograd.Function]
     assert functions == [gram.GramFunction]
     a, xs = _inputs(4, 4, 3)
-    assert xloss.gram_volume(a, *xs).grad_fn.name() == "GramFunctionBackward"
-    assert xloss.gram_loss(a, *xs, temperature=0.5).grad_fn.name() == "GramFunctionBackward"
-    assert gram._engine("auto", a) == "chunked" and gram._engine("cpu", a) == "chunked"
-    assert gram._engine("reference", a) == "reference"
+    assert xloss.gram_volume(a, *xs, backend="chunked").grad_fn.name() == "GramFunctionBackward"
+    assert xloss.gram_loss(a, *xs, temperature=0.5, backend="chunked").grad_fn.name() == "GramFunctionBackward"
+    # "auto": the dense definition while the [N1, N2, k, k] Gram tensor is small, the chunked sweeps beyond
+    assert gram._engine("auto", a, xs) == "dense" and gram._engine("cpu", a, xs) == "chunked"
+    big = torch.zeros(2048, a.shape[1], dtype=a.dtype)
+    assert gram._engine("auto", big, [big] * len(xs)) == "chunked"
+    assert gram._engine("reference", a, xs) == "reference"
     for name in ("gram_volume", "gram_volume_grad", "gram_loss_stats", "gram_loss_grad"):
         assert hasattr(torch.ops.xloss, name) and callable(getattr(ops, name))
     with pytest.raises(dataclasses_error()):

@@ -193,13 +193,14 @@ def test_backend_resolution(monkeypatch):
     a, xs = a.detach().to(DEVICE), [x.detach().to(DEVICE) for x in xs]
     from xloss import gram
 
-    assert gram._engine("auto", a.float()) == ("triton" if DEVICE == "cuda" else "chunked")
-    assert gram._engine("triton", a.float()) == "triton"
+    assert gram._engine("auto", a.float(), xs) == ("triton" if DEVICE == "cuda" else "dense")
+    assert gram._engine("triton", a.float(), xs) == "triton"
     with pytest.raises(TypeError, match="float64"):  # also a RuntimeError, as a backend that cannot run
         xloss.gram_loss(a, *xs, temperature=0.1, backend="triton")
-    monkeypatch.setenv("XLOSS_BACKEND", "triton")  # "auto" through the environment: float64 keeps the chunked engine
-    assert gram._engine("auto", a) == "chunked"
-    assert gram._engine("auto", a.float()) == "triton"
+    # "auto" through the environment: float64 keeps what "auto" takes (the dense definition at this size)
+    monkeypatch.setenv("XLOSS_BACKEND", "triton")
+    assert gram._engine("auto", a, xs) == "dense"
+    assert gram._engine("auto", a.float(), xs) == "triton"
     got = xloss.gram_loss(a, *xs, temperature=0.1)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got.cpu(), R.gram_loss(a.cpu(), *[x.cpu() for x in xs], temperature=0.1),

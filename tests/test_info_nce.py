@@ -700,13 +700,22 @@ def test_half_inputs(dtype, grad_rtol, case):
 def test_auto_picks_chunked_on_cpu(monkeypatch):
     monkeypatch.delenv("XLOSS_BACKEND", raising=False)
     assert _dispatch.resolve("info_nce", "auto", torch.device("cpu"), torch.float32) == "chunked"
+    # the dense definition for a small problem on one process (DENSE_CELLS), never across ranks
+    cpu = torch.device("cpu")
+    assert _dispatch.resolve("info_nce", "auto", cpu, torch.float32, local=True, cells=7 * 7) == "dense"
+    assert _dispatch.resolve("info_nce", "auto", cpu, torch.float32, local=False, cells=7 * 7) == "chunked"
+    big = _dispatch.DENSE_CELLS["info_nce"] + 1
+    assert _dispatch.resolve("info_nce", "auto", cpu, torch.float32, local=True, cells=big) == "chunked"
     assert _dispatch.resolve("info_nce", "cpu", torch.device("cpu"), torch.float32) == "chunked"  # old alias
     assert _dispatch.available_backends()["chunked"] and _dispatch.available_backends()["reference"]
     q, k, _ = make_inputs(7, 7, seed=26)
     q.requires_grad_(True)
-    loss = xloss.info_nce(q, k, logit_scale=SCALE)
+    loss = xloss.info_nce(q, k, logit_scale=SCALE, backend="cpu")
     assert type(loss.grad_fn).__name__ == "InfoNCEFunctionBackward"
-    torch.testing.assert_close(loss, xloss.info_nce(q, k, logit_scale=SCALE, backend="cpu"), rtol=0, atol=0)
+    torch.testing.assert_close(loss, xloss.info_nce(q, k, logit_scale=SCALE, backend="chunked"), rtol=0, atol=0)
+    small = xloss.info_nce(q, k, logit_scale=SCALE)  # "auto": 7 x 7 is computed densely
+    assert type(small.grad_fn).__name__ != "InfoNCEFunctionBackward"
+    torch.testing.assert_close(small, loss, rtol=1e-12, atol=1e-12)
 
 
 def test_backend_reference_is_the_reference(monkeypatch):
@@ -725,13 +734,13 @@ def test_backend_reference_is_the_reference(monkeypatch):
 
 @pytest.mark.parametrize(
     "env,expected",
-    [("reference", "reference"), ("cpu", "chunked"), ("chunked", "chunked"), ("auto", "chunked"), ("", "chunked"),
-     (" reference ", "reference")],
+    [("reference", "reference"), ("cpu", "chunked"), ("chunked", "chunked"), ("auto", "dense"), ("", "dense"),
+     ("dense", "dense"), (" reference ", "reference")],
 )
 def test_xloss_backend_env_overrides_auto(monkeypatch, env, expected):
     monkeypatch.setenv("XLOSS_BACKEND", env)
     cpu = torch.device("cpu")
-    assert _dispatch.resolve("info_nce", "auto", cpu, torch.float32) == expected
+    assert _dispatch.resolve("info_nce", "auto", cpu, torch.float32, local=True, cells=7 * 7) == expected
     # an explicit choice is not overridden
     assert _dispatch.resolve("info_nce", "cpu", cpu, torch.float32) == "chunked"
     assert _dispatch.resolve("info_nce", "reference", cpu, torch.float32) == "reference"
@@ -809,7 +818,7 @@ def test_one_function_one_path(monkeypatch):
     src = inspect.getsource(fam)
     assert "is_compiling" not in src
     q, k, _ = make_inputs(5, 6, seed=3)
-    loss = xloss.info_nce(q.requires_grad_(), k, logit_scale=SCALE)
+    loss = xloss.info_nce(q.requires_grad_(), k, logit_scale=SCALE, backend="chunked")
     assert type(loss.grad_fn).__name__ == "InfoNCEFunctionBackward"
     opts = fam.InfoNCEOptions()
     with pytest.raises(dataclasses.FrozenInstanceError):

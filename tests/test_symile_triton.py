@@ -130,11 +130,12 @@ def test_backend_resolution_and_limits(monkeypatch):
     with pytest.raises(ValueError, match="M = 3 or 4"):
         xloss.symile_loss(*[r.float() for r in reps], logit_scale=1.0, negative_sampling="n_squared", backend="triton")
     assert symile._engine("triton", [r.float() for r in reps[:3]]) == "triton"
-    assert symile._engine("auto", [r.float() for r in reps[:3]]) == ("triton" if DEVICE == "cuda" else "chunked")
-    monkeypatch.setenv("XLOSS_BACKEND", "triton")  # "auto" through the environment: unsupported cases stay chunked
+    assert symile._engine("auto", [r.float() for r in reps[:3]]) == ("triton" if DEVICE == "cuda" else "dense")
+    # "auto" through the environment: unsupported cases keep what "auto" takes (dense at this size)
+    monkeypatch.setenv("XLOSS_BACKEND", "triton")
     assert symile._engine("auto", [r.float() for r in reps[:4]]) == "triton"
-    assert symile._engine("auto", [r.float() for r in reps]) == "chunked"  # M = 5
-    assert symile._engine("auto", reps[:3]) == "chunked"  # float64
+    assert symile._engine("auto", [r.float() for r in reps]) == "dense"  # M = 5
+    assert symile._engine("auto", reps[:3]) == "dense"  # float64
     got = xloss.symile_loss(*reps, logit_scale=1.0, negative_sampling="n_squared")  # M = 5 through the cpu engine
     torch.testing.assert_close(got.cpu(), R.symile_loss([r.cpu() for r in reps], 1.0, "n_squared"), rtol=0,
                                atol=1e-12)

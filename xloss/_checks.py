@@ -146,6 +146,8 @@ def _scalar(name: str, value, device: torch.device) -> torch.Tensor:
             raise ValueError(f"{name} must be a scalar (one element), got shape {_shape(value)}")
         if value.device != device and value.dim() != 0:
             raise ValueError(f"{name} must be on {device} (or be a 0-dim tensor), got {value.device}")
+        if value.dim() == 0 and value.device == device:
+            return value  # as given: no view node in the graph (a per-call cost for small problems)
         return value.reshape(()).to(device)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")

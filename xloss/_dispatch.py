@@ -10,7 +10,10 @@ Engines, by what they run (the names users pass as ``backend=``):
   device, CUDA included, and is the fallback wherever Triton is missing or does not take the dtype;
 * ``"compiled"`` the C++/CUDA ops of ``xloss/csrc`` (Banzhaf only, and the MaxSim micro-kernel that the
   chunked late-interaction engine uses on CPU when it is built);
-* ``"reference"`` the naive definition (``xloss.reference``), for checking.
+* ``"dense"``     the definition on the whole matrix (``xloss.reference``), computed in the accumulation dtype
+  (fp32 for half inputs, as the streaming engines compute): "auto" takes it on one process when the problem is
+  small (:data:`DENSE_CELLS`), where a few large tensor ops beat the streaming engines' fixed per-call cost;
+* ``"reference"`` the naive definition (``xloss.reference``) in the input dtype, for checking.
 
 Aliases kept from earlier releases: ``"cpu"`` → ``"chunked"`` (it always ran on CUDA too) and ``"cuda"`` →
 ``"compiled"``.  ``backend="auto"`` takes the first row of the family's table below whose device, dtype,
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-ENGINES = ("triton", "chunked", "compiled", "reference")
+ENGINES = ("triton", "chunked", "compiled", "dense", "reference")
 ALIASES = {"cpu": "chunked", "cuda": "compiled"}
 BACKENDS = ("auto", *ENGINES, *ALIASES)  # every string ``backend=`` accepts
 
@@ -125,26 +128,70 @@ def _symile_fits(modalities: int = 3, **_) -> bool:
     return modalities in (3, 4)
 
 
+# The largest problem (cells of the dense matrix the definition builds: N·M logits; Nq·Nd·Lq·Ld similarities for
+# late interaction; N1·N2·k·k Gram entries; N^M Symile logits) that "auto" computes densely, per family.  Below
+# it the streaming engines' fixed cost per call (a dozen small ops per sweep, two or more sweeps) exceeds the
+# dense ops' work.  Each limit sits at the crossover measured on the CPU (2 cores, fp32, D = 64, forward +
+# backward, dense against chunked; `python -m xloss.bench --preset small` and README "Small batches"):
+# InfoNCE ~550², sigmoid ~400² (its chunked sweep keeps small logits and fuses more), distillation / CWCL ~800²
+# (two matrices per tile), late interaction Nq = Nd ≈ 12 at Lq = 8, Ld = 32 (the compiled MaxSim op wins early),
+# GRAM N ≈ 96 at k = 3, Symile N ≈ 10 at M = 3.  The dense matrices are then a few MiB at most, so the memory
+# bound of the streaming engines is not given up where it matters.
+DENSE_CELLS = {
+    "info_nce": 512 * 512,
+    "distill": 768 * 768,
+    "sigmoid": 384 * 384,
+    "late_interaction": 12 * 12 * 8 * 32,
+    "gram": 96 * 96 * 3 * 3,
+    "symile": 10**3,
+}
+
+
+def _dense_fits(family: str) -> Callable[..., bool]:
+    limit = DENSE_CELLS[family]
+
+    def fits(cells: int | None = None, local: bool = False, **_) -> bool:
+        # Only one process: across ranks the streaming engines exchange blocks (the dense path has no ring).
+        # Not while torch.compile traces: there the per-call cost is compiled away, and the traced graph keeps
+        # the one path of the custom ops (no size guard, no recompilation at the limit).
+        # (is_compiling first: comparing a symbolic size would add a guard, and a recompilation, at the limit)
+        return not torch.compiler.is_compiling() and local and cells is not None and cells <= limit
+
+    return fits
+
+
 _TRITON_HOW = ("it needs CUDA tensors; set TRITON_INTERPRET=1 to run the kernels on CPU tensors through Triton's "
                "interpreter (slow, for testing)")
 
 # Order matters: "auto" takes the first route that fits.
 TABLE: tuple[Route, ...] = (
     Route("info_nce", "triton", "xloss.infonce.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
+    Route("info_nce", "dense", "xloss.reference.infonce", ("cpu", "cuda"), _ANY_FLOAT, _always,
+          _dense_fits("info_nce")),
     Route("info_nce", "chunked", "xloss.infonce.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
     Route("distill", "triton", "xloss.soft_targets.triton", ("cuda",), _LOW_PRECISION, _triton_runs,
           why_not=_TRITON_HOW),
+    Route("distill", "dense", "xloss.reference.soft_targets", ("cpu", "cuda"), _ANY_FLOAT, _always,
+          _dense_fits("distill")),
     Route("distill", "chunked", "xloss.soft_targets.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
     Route("sigmoid", "triton", "xloss.sigmoid.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
+    Route("sigmoid", "dense", "xloss.reference.sigmoid", ("cpu", "cuda"), _ANY_FLOAT, _always,
+          _dense_fits("sigmoid")),
     Route("sigmoid", "chunked", "xloss.sigmoid.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
     Route("late_interaction", "triton", "xloss.late_interaction.triton", ("cuda",), _LOW_PRECISION, _triton_runs,
           why_not=_TRITON_HOW),
+    Route("late_interaction", "dense", "xloss.reference.late_interaction", ("cpu", "cuda"), _ANY_FLOAT, _always,
+          _dense_fits("late_interaction")),
     Route("late_interaction", "chunked", "xloss.late_interaction.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT,
           _always),
     Route("gram", "triton", "xloss.gram.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
+    Route("gram", "dense", "xloss.reference.gram", ("cpu", "cuda"), _ANY_FLOAT, _always,
+          _dense_fits("gram")),
     Route("gram", "chunked", "xloss.gram.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
     Route("symile", "triton", "xloss.symile.triton", ("cuda",), _LOW_PRECISION, _triton_runs, _symile_fits,
           why_not=_TRITON_HOW),
+    Route("symile", "dense", "xloss.reference.symile", ("cpu", "cuda"), _ANY_FLOAT, _always,
+          _dense_fits("symile")),
     Route("symile", "chunked", "xloss.symile.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
     Route("banzhaf", "compiled", "xloss.banzhaf.compiled", ("cpu", "cuda"), _ANY_FLOAT,
           _compiled_op("banzhaf_interaction"),
@@ -210,6 +257,18 @@ def resolve(family: str, backend: str, device: torch.device, dtype: torch.dtype 
     return r.engine
 
 
+def dense_inputs(name: str, *tensors):
+    """The float inputs of a call for the reference engines: cast to the accumulation dtype for ``"dense"``
+    (fp32 for half inputs, as the streaming engines compute; gradients flow back through the cast), unchanged
+    for ``"reference"`` (the definition in the input dtype).  ``None`` passes through."""
+    if name != "dense":
+        return tensors
+    return tuple(t if t is None or t.dtype in _WIDE else t.float() for t in tensors)
+
+
+_WIDE = (torch.float32, torch.float64)  # dtypes "dense" computes in as given
+
+
 @functools.cache
 def engine(family: str, name: str):
     """The module of ``family``'s engine ``name`` (imported on first use: Triton is optional)."""
@@ -227,6 +286,7 @@ def available_backends() -> dict:
     cuda_ok = compiled_cuda_available()
     return {
         "chunked": True,
+        "dense": True,
         "reference": True,
         "triton": triton_ok,
         "compiled": _ext.available() or cuda_ok,  # loaded already; never builds here
@@ -235,5 +295,5 @@ def available_backends() -> dict:
     }
 
 
-__all__ = ["ALIASES", "BACKENDS", "ENGINES", "TABLE", "available_backends", "canonical", "engine", "resolve",
+__all__ = ["ALIASES", "BACKENDS", "ENGINES", "TABLE", "available_backends", "canonical", "dense_inputs", "engine", "resolve",
            "routes", "triton_available", "triton_interpret"]

@@ -103,7 +103,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
         families=families, shapes=shapes, dtype=args.dtype or preset.dtype, device=device, runs=runs,
         baselines=baselines, preset=preset_name, out=args.out, plot=not args.no_plot,
         mem_limit_bytes=None if args.mem_limit_gib is None else int(args.mem_limit_gib * GIB),
-        timeout_s=args.timeout, threads=args.threads, family_shapes=family_shapes,
+        timeout_s=args.timeout, threads=args.threads, family_shapes=family_shapes, min_run_s=preset.min_run_s,
     )
 
 

@@ -22,6 +22,9 @@ class Preset:
     baselines: tuple[str, ...] = ("naive",)
     families: tuple[str, ...] | None = None  # what "--family all" runs; None: every registered family
     family_shapes: dict[str, tuple[Shape, ...]] | None = None  # shapes of a family, instead of `shapes`
+    # Small problems: each timed run repeats the step until it lasts this long and reports the time per step
+    # (a single sub-millisecond step is below the timer's and the scheduler's noise).  0: one step per run.
+    min_run_s: float = 0.0
 
 
 def _square(sizes: Sequence[int], d: int) -> tuple[Shape, ...]:
@@ -102,6 +105,18 @@ PRESETS: dict[str, dict[str, Preset]] = {
     # with chunks of D = 64 texts against the uncached step; shape (N queries, M documents, D).  Batch 1024 texts
     # (512 pairs), and 2048 texts (1024 pairs), where the uncached step needs ~35 GiB and is skipped on 24 GiB.
     "gradcache": {"cpu": Preset(((512, 512, 64), (1024, 1024, 64)), "float32", runs=1, families=("gradcache",))},
+    # Small batches (issue 16): the per-call cost of every loss against naive at the sizes most people run per
+    # device, D = 64; N = 8 is the fixed overhead.  Late interaction Lq = 8, Ld = 32; GRAM k = 4 modalities;
+    # Symile M = 3 "n_squared".  Each timed run repeats the step for >= 0.2 s (time per step reported).
+    "small": {
+        device: Preset(
+            _square((8, 32, 128, 256, 512), 64), dtype, runs=5, min_run_s=0.2,
+            families=("info_nce", "sigmoid", "distill", "cwcl", "late_interaction_small", "gram", "symile"),
+            family_shapes={"late_interaction_small": _square((8, 16, 32, 64), 64),
+                           "gram": _square((8, 64, 128, 256), 64), "symile": _square((8, 64, 128), 64)},
+        )
+        for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16"))
+    },
     "quick": {
         "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),
         "cuda": Preset(_square((1024, 2048), 128), "float32", runs=2, families=("info_nce",)),

@@ -23,6 +23,7 @@ CSV_COLUMNS = [
     "xloss_peak_bytes", "baseline_peak_bytes", "baseline_peak_estimate_bytes", "mem_ratio", "xloss_tflops",
     "xloss_times_s", "baseline_times_s", "status", "xloss_status", "baseline_status", "torch_version",
     "triton_version", "xloss_version", "xloss_commit", "python_version", "date", "preset",
+    "xloss_calls_per_run", "baseline_calls_per_run",
 ]
 
 
@@ -50,7 +51,9 @@ def make_row(family: Family, shape: Shape, baseline: str, xl: dict, base: dict, 
         "xloss_times_s": " ".join(f"{t:.6g}" for t in xl.get("times_s", [])),
         "baseline_times_s": " ".join(f"{t:.6g}" for t in base.get("times_s", [])),
         "status": "ok" if both_ok else "; ".join(bad),
-        "xloss_status": xl["status"], "baseline_status": base["status"], "preset": cfg.preset, **context,
+        "xloss_status": xl["status"], "baseline_status": base["status"], "preset": cfg.preset,
+        "xloss_calls_per_run": xl.get("calls_per_run"), "baseline_calls_per_run": base.get("calls_per_run"),
+        **context,
     }
 
 

@@ -37,6 +37,7 @@ class Config:
     mem_limit_bytes: int | None
     timeout_s: float | None
     threads: int | None = None
+    min_run_s: float = 0.0
     family_shapes: dict[str, list[Shape]] = field(default_factory=dict)
 
 
@@ -65,7 +66,7 @@ def run_impl(family: Family, impl: Impl, shape: Shape, cfg: Config, probed_free:
             return {"status": f"skipped: needs ~{_fmt_gib(estimate)} GiB, {_fmt_gib(free)} GiB available",
                     "estimate_bytes": estimate}
     spec = {"family": family.name, "impl": impl.name, "shape": list(shape), "dtype": cfg.dtype,
-            "device": cfg.device, "runs": cfg.runs, "threads": cfg.threads}
+            "device": cfg.device, "runs": cfg.runs, "threads": cfg.threads, "min_run_s": cfg.min_run_s}
     result = worker._run_child(["--worker", json.dumps(spec)], cfg.timeout_s)
     result["estimate_bytes"] = estimate
     return result

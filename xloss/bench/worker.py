@@ -12,7 +12,9 @@ and free memory so that the parent never initialises CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -53,9 +55,30 @@ def _clear_grads(inputs: dict) -> None:
             t.grad = None
 
 
+@contextlib.contextmanager
+def _engines_used():
+    """Record the engines ``xloss._dispatch.resolve`` returns while the block runs."""
+    from xloss import _dispatch
+
+    used, original = [], _dispatch.resolve
+
+    def recording(*args, **kwargs):
+        used.append(original(*args, **kwargs))
+        return used[-1]
+
+    _dispatch.resolve = recording
+    try:
+        yield used
+    finally:
+        _dispatch.resolve = original
+
+
 def measure(family: Family, impl: Impl, shape: Shape, dtype: torch.dtype, device: torch.device,
-            runs: int) -> dict:
+            runs: int, min_run_s: float = 0.0) -> dict:
     """Prime, build inputs, warm up (measuring peak memory) and time ``runs`` runs of one implementation.
+
+    With ``min_run_s`` > 0 each timed run repeats the step ``calls`` times (from one calibrating step: enough
+    to last ``min_run_s``) and its time is the mean per step.
 
     Returns:
         ``{"status", "times_s", "median_s", "peak_bytes", "backend", "threads"}``; status "ok", "oom" or
@@ -70,16 +93,28 @@ def measure(family: Family, impl: Impl, shape: Shape, dtype: torch.dtype, device
         impl.run(tiny)
         del tiny
         inputs = family.make_inputs(shape, dtype, device)
-        with memory.PeakMemory(device) as peak:
+        with memory.PeakMemory(device) as peak, _engines_used() as used:
             impl.run(inputs)
         result["peak_bytes"] = peak.peak_bytes
-        for _ in range(runs):
+        if used and impl.name == "xloss":  # the engine "auto" picked for this shape (it depends on the size)
+            result["backend"] = "+".join(dict.fromkeys(used))
+        calls = 1
+        if min_run_s > 0:
             _clear_grads(inputs)
             _synchronize(device)
             start = time.perf_counter()
             impl.run(inputs)
             _synchronize(device)
-            result["times_s"].append(time.perf_counter() - start)
+            calls = max(1, math.ceil(min_run_s / max(time.perf_counter() - start, 1e-7)))
+        result["calls_per_run"] = calls
+        for _ in range(runs):
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                _clear_grads(inputs)
+                impl.run(inputs)
+            _synchronize(device)
+            result["times_s"].append((time.perf_counter() - start) / calls)
         result["median_s"] = statistics.median(result["times_s"])
         result["status"] = "ok"
     except Exception as exc:  # noqa: BLE001  reported in the table: one failing case must not end the run
@@ -98,7 +133,7 @@ def _worker_main(spec_json: str) -> int:
     family = FAMILIES[spec["family"]]
     result = measure(
         family, family.impl(spec["impl"]), tuple(spec["shape"]), getattr(torch, spec["dtype"]),
-        torch.device(spec["device"]), int(spec["runs"]),
+        torch.device(spec["device"]), int(spec["runs"]), float(spec.get("min_run_s", 0.0)),
     )
     print(RESULT_TAG + json.dumps(result), flush=True)
     return 0

@@ -164,11 +164,13 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _engine(backend: str, anchor: torch.Tensor) -> str:
+def _engine(backend: str, anchor: torch.Tensor, others: list[torch.Tensor]) -> str:
     """The engine name for ``backend``: one call to ``_dispatch.resolve``.  "auto" through ``XLOSS_BACKEND``
-    (e.g. ``XLOSS_BACKEND=triton``) keeps the chunked engine for a dtype the kernels refuse, as "auto" does;
+    (e.g. ``XLOSS_BACKEND=triton``) keeps what "auto" takes (dense or chunked) for a dtype the kernels refuse;
     an explicit ``backend="triton"`` with float64 raises ``triton.UnsupportedDtypeError`` (a TypeError)."""
-    return _dispatch.resolve("gram", backend, anchor.device, anchor.dtype)
+    k = 1 + len(others)  # cells: the [N1, N2, k, k] Gram tensor of the definition
+    return _dispatch.resolve("gram", backend, anchor.device, anchor.dtype, local=True,
+                             cells=anchor.shape[0] * others[0].shape[0] * k * k)
 
 
 def gram_volume(*modalities: torch.Tensor, pairwise: bool = True, eps: float = 0.0,
@@ -196,9 +198,10 @@ def gram_volume(*modalities: torch.Tensor, pairwise: bool = True, eps: float = 0
     if not isinstance(pairwise, bool):
         raise TypeError(f"pairwise must be a bool, got {type(pairwise).__name__}")
     eps = _check_eps(eps)
-    name = _engine(backend, anchor)
-    if name == "reference":
-        return _reference.gram_volume(anchor, *others, pairwise=pairwise, eps=eps)
+    name = _engine(backend, anchor, others)
+    if name in ("reference", "dense"):
+        return _reference.gram_volume(*_dispatch.dense_inputs(name, anchor, *others), pairwise=pairwise, eps=eps
+                                      ).to(accumulation_dtype(anchor.dtype))
     if not pairwise:  # O(N·p²·D) row-wise products: plain PyTorch (and autograd) for every backend
         return _chunked.aligned_volume(upcast(anchor), [upcast(x) for x in others], eps)
     inputs = _checks.distinct_inputs([anchor, *others])
@@ -244,10 +247,10 @@ def gram_loss(*modalities: torch.Tensor, logit_scale=None, temperature=None, lab
     n1, n2 = anchor.shape[0], others[0].shape[0]
     if labels is not None:
         _checks.check_labels(labels, n1, n2, anchor.device)
-    name = _engine(backend, anchor)
-    if name == "reference":
+    name = _engine(backend, anchor, others)
+    if name in ("reference", "dense"):
         s = {"temperature": 1.0 / scale} if temperature is not None else {"logit_scale": scale}
-        return _reference.gram_loss(anchor, *others, **s, labels=labels, label_smoothing=label_smoothing,
+        return _reference.gram_loss(*_dispatch.dense_inputs(name, anchor, *others), **s, labels=labels, label_smoothing=label_smoothing,
                                     stopgrad_gathered=stopgrad_gathered, eps=eps, reduction=reduction
                                     ).to(accumulation_dtype(anchor.dtype))
     labels = torch.arange(n1, device=anchor.device) if labels is None else labels.long()

@@ -314,7 +314,8 @@ def info_nce(
     if prefixes is not None and rule is not None:
         raise ValueError("matryoshka_dims cannot be combined with query_groups/key_groups, exclude_self, "
                          "false_negative_margin, decoupled or hardness")
-    name = _dispatch.resolve("info_nce", backend, query.device, query.dtype)
+    name = _dispatch.resolve("info_nce", backend, query.device, query.dtype, local=group is None,
+                             cells=n * m * (1 if prefixes is None else len(prefixes.dims)))
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale))
     comm, _ = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale], need_grad, name,
@@ -324,9 +325,10 @@ def info_nce(
                          f"N={comm.total_rows(n)} and M={comm.total_keys(m)}")
     if comm.is_local and not groups:
         _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
-    if name == "reference":
+    if name in ("reference", "dense"):
+        q, k = _dispatch.dense_inputs(name, query, key)
         return _reference.info_nce(
-            query, key, logit_scale=scale, labels=None if labels is None else labels.long(), symmetric=symmetric,
+            q, k, logit_scale=scale, labels=None if labels is None else labels.long(), symmetric=symmetric,
             label_smoothing=label_smoothing, reduction=reduction, query_groups=query_groups,
             key_groups=key_groups, exclude_self=exclude_self, false_negative_margin=false_negative_margin,
             decoupled=decoupled, hardness=hardness, matryoshka_dims=None if prefixes is None else prefixes.dims,

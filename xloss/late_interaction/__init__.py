@@ -244,16 +244,22 @@ def maxsim(
     q, q_mask, q_weights, single = _batch_of_one(q, q_mask, q_weights)
     q_mask, d_mask = _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
                                    direction)
-    name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype)
-    if name == "reference":
-        s = _reference.maxsim(q, d, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
-                              q_weights=q_weights, d_weights=d_weights, direction=direction
+    name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype, local=True, cells=_cells(q, d))
+    if name in ("reference", "dense"):
+        dq, dd, dqw, ddw = _dispatch.dense_inputs(name, q, d, q_weights, d_weights)
+        s = _reference.maxsim(dq, dd, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
+                              q_weights=dqw, d_weights=ddw, direction=direction
                               ).to(accumulation_dtype(q.dtype))  # float32 for half inputs, as the engines
     else:
         s_q2d, s_d2q = _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
                                     direction, name, pairs=False)
         s = _combine(s_q2d, s_d2q, direction)
     return s[0] if single else s
+
+
+def _cells(q: torch.Tensor, d: torch.Tensor) -> int:
+    """Entries of the ``[Nq, Nd, Lq, Ld]`` similarity tensor the definition builds (what "dense" would hold)."""
+    return q.shape[0] * q.shape[1] * d.shape[0] * d.shape[1]
 
 
 @renamed(reduction="token_reduction")
@@ -351,13 +357,14 @@ def late_interaction_loss(
                         "temperature= (logit_scale = 1/temperature)")
     _check_scale_device(q.device, logit_scale=logit_scale, temperature=temperature)
     scale = _checks.resolve_scale(logit_scale, temperature, q.device)
-    name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype)
-    if name == "reference":
+    name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype, local=True, cells=_cells(q, d))
+    if name in ("reference", "dense"):
         # int64 labels (a uint8 tensor would index as a mask) and a float32 result for half inputs, as the engines
+        dq, dd, dqw, ddw = _dispatch.dense_inputs(name, q, d, q_weights, d_weights)
         return _reference.late_interaction_loss(
-            q, d, q_mask, d_mask, logit_scale=scale, labels=None if labels is None else labels.long(),
-            direction=direction, mask_mode=mask_mode, token_reduction=token_reduction, q_weights=q_weights,
-            d_weights=d_weights, label_smoothing=label_smoothing, reduction=reduction,
+            dq, dd, q_mask, d_mask, logit_scale=scale, labels=None if labels is None else labels.long(),
+            direction=direction, mask_mode=mask_mode, token_reduction=token_reduction, q_weights=dqw,
+            d_weights=ddw, label_smoothing=label_smoothing, reduction=reduction,
         ).to(accumulation_dtype(q.dtype))
     s_q2d, s_d2q = _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
                                 direction, name, pairs=False)

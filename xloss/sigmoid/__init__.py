@@ -176,7 +176,7 @@ def sigmoid_loss(
         raise TypeError("logit_scale must be a float or a 0-dim tensor (or pass temperature=, its inverse), got None")
     n, m = query.shape[0], key.shape[0]
     groups = _checks.check_query_key_groups(query_groups, key_groups, n, m, query.device, labels)
-    name = _dispatch.resolve("sigmoid", backend, query.device, query.dtype)
+    name = _dispatch.resolve("sigmoid", backend, query.device, query.dtype, local=group is None, cells=n * m)
     # A float (kept in fp64 until cast to the compute dtype) or a 0-dim tensor.
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     bias = _checks._scalar("logit_bias", logit_bias, query.device)
@@ -186,8 +186,9 @@ def sigmoid_loss(
                                  need_grad, name, groups=groups)
     if comm.is_local and not groups:
         _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
-    if name == "reference":
-        return _reference.sigmoid_loss(query, key, logit_scale=scale, logit_bias=bias, labels=labels,
+    if name in ("reference", "dense"):
+        q, k = _dispatch.dense_inputs(name, query, key)
+        return _reference.sigmoid_loss(q, k, logit_scale=scale, logit_bias=bias, labels=labels,
                                        query_groups=query_groups, key_groups=key_groups, reduction=reduction
                                        ).to(accumulation_dtype(query.dtype))
     if groups:  # one id dtype on every rank: the key ids are gathered

@@ -280,14 +280,15 @@ def distill_loss(
         raise ValueError(f"teacher_query and teacher_key must have the same feature dimension, got "
                          f"{teacher_query.shape[1]} and {teacher_key.shape[1]}")
     _check_options(symmetric, reduction)
-    name = _dispatch.resolve("distill", backend, query.device, query.dtype)
+    name = _dispatch.resolve("distill", backend, query.device, query.dtype, local=group is None, cells=n * m)
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     tscale = _checks.resolve_scale(teacher_logit_scale, teacher_temperature, query.device, prefix="teacher_")
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale))
     comm, _ = _comm.make(group, exchange, grad_reduction, query, key, None, [scale], need_grad, name, groups=True)
     _check_paired(comm, n, m, symmetric and reduction == "none", "reduction='none' with symmetric=True")
-    if name == "reference":
-        return _reference.distill_loss(query, key, teacher_query, teacher_key, logit_scale=scale,
+    if name in ("reference", "dense"):
+        return _reference.distill_loss(*_dispatch.dense_inputs(name, query, key, teacher_query, teacher_key),
+                                       logit_scale=scale,
                                        teacher_logit_scale=tscale, symmetric=symmetric, reduction=reduction
                                        ).to(accumulation_dtype(query.dtype))
     options = SoftTargetOptions("teacher", symmetric, reduction, name)
@@ -337,13 +338,14 @@ def cwcl_loss(
     elif key_targets is not None:
         raise ValueError("key_targets weigh the column term: pass symmetric=True with them")
     _check_options(symmetric, reduction)
-    name = _dispatch.resolve("info_nce", backend, query.device, query.dtype)
+    name = _dispatch.resolve("info_nce", backend, query.device, query.dtype, local=group is None, cells=n * m)
     scale = _checks.resolve_scale(logit_scale, temperature, query.device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale))
     comm, _ = _comm.make(group, exchange, grad_reduction, query, key, None, [scale], need_grad, name, groups=True)
     _check_paired(comm, n, m, True, "cwcl_loss")
-    if name == "reference":
-        return _reference_soft.cwcl_loss(query, key, logit_scale=scale, query_targets=u, key_targets=v,
+    if name in ("reference", "dense"):
+        q, k, u, v = _dispatch.dense_inputs(name, query, key, u, v)
+        return _reference_soft.cwcl_loss(q, k, logit_scale=scale, query_targets=u, key_targets=v,
                                          symmetric=symmetric, reduction=reduction).to(accumulation_dtype(query.dtype))
     options = SoftTargetOptions("cwcl", symmetric, reduction, name)
     return SoftTargetFunction.apply(query, key, scale, u.detach(), None if v is None else v.detach(),

@@ -72,13 +72,15 @@ class SymileFunction(torch.autograd.Function):
 
 
 def _engine(backend: str, reps: list[torch.Tensor]) -> str:
-    """The engine for ``backend``: one call to ``_dispatch.resolve`` ("triton", "chunked" or "reference").
+    """The engine for ``backend``: one call to ``_dispatch.resolve`` ("triton", "dense", "chunked" or "reference").
 
-    "auto" through ``XLOSS_BACKEND`` (e.g. ``XLOSS_BACKEND=triton``) keeps the chunked engine where the kernels
-    do not take the case (float64, M ≥ 5), as "auto" does; an explicit ``backend="triton"`` that the kernels
+    "auto" through ``XLOSS_BACKEND`` (e.g. ``XLOSS_BACKEND=triton``) keeps what "auto" takes (dense or chunked)
+    where the kernels do not take the case (float64, M ≥ 5); an explicit ``backend="triton"`` that the kernels
     cannot take raises (``triton.UnsupportedDtypeError``, a TypeError, for float64; ValueError for M ≥ 5).
     """
-    return _dispatch.resolve("symile", backend, reps[0].device, reps[0].dtype, modalities=len(reps))
+    n, m = reps[0].shape[0], len(reps)  # cells: the [N, N^(M-1)] logits of "n_squared", N^M
+    return _dispatch.resolve("symile", backend, reps[0].device, reps[0].dtype, modalities=m, local=True,
+                             cells=n**m)
 
 
 def _check_reps(reps) -> list[torch.Tensor]:
@@ -210,7 +212,7 @@ def symile_loss(
     name = _engine(backend, reps)
     if negative_sampling == "n" and permutations is None:
         permutations = draw_permutations(m, n, generator)
-    if name == "reference" or negative_sampling == "n":
+    if name in ("reference", "dense") or negative_sampling == "n":
         # "n" is N×N per anchor: the package's ops (bit for bit), differentiated by autograd.
         if isinstance(logit_scale, torch.Tensor) or isinstance(temperature, torch.Tensor):
             s = scale
@@ -218,7 +220,8 @@ def symile_loss(
             s = 1.0 / float(temperature)
         else:
             s = 1.0 if logit_scale is None else float(logit_scale)
-        out = _reference.symile.symile_loss(reps, s, negative_sampling, permutations=permutations,
+        dense = _dispatch.dense_inputs(name if negative_sampling == "n_squared" else "reference", *reps)
+        out = _reference.symile.symile_loss(list(dense), s, negative_sampling, permutations=permutations,
                                             reduction=reduction)
         # "n" keeps the input dtype (as the package); "n_squared" returns the accumulation dtype on every backend
         return out if negative_sampling == "n" else out.to(_tiling.accumulation_dtype(reps[0].dtype))

@@ -134,6 +134,19 @@ register(
     )
 )
 
+# Small batches (issue 16, the "small" preset): Lq = 8 query tokens against Ld = 32 document tokens.
+SMALL_TOKENS = (8, 32)
+
+register(
+    Family(
+        name="late_interaction_small",
+        make_inputs=_late_inputs(SMALL_TOKENS, grad=True),
+        xloss=Impl("xloss", "xloss.late_interaction_loss", _late_xloss, xloss_backend("late_interaction")),
+        naive=Impl("naive", "xloss.reference.late_interaction_loss", _late_naive, lambda device: "reference"),
+        flops=_late_flops(SMALL_TOKENS, backward=True),
+    )
+)
+
 # ColPali: a ~32-token query against 1030 patch embeddings per page (32×32 patches plus special tokens).
 COLPALI_TOKENS = (32, 1030)
 
