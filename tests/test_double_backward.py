@@ -1,7 +1,8 @@
 """Double backward (issue 15, item 3): every family either differentiates twice correctly or raises one clear
 error.  The fused engines' gradients are exact to first order and, under ``create_graph=True``, require grad and
 raise ``xloss.<loss>: double backward ... is not supported`` when differentiated again (never a silent constant);
-``backend="reference"`` is twice differentiable."""
+``backend="reference"`` and ``backend="dense"`` (which "auto" takes for small problems) are twice differentiable.
+"""
 
 from __future__ import annotations
 
@@ -54,10 +55,18 @@ def test_fused_gradients_under_create_graph_are_exact_and_refuse_a_second_order(
         (graph[0] ** 2).sum().backward()
 
 
+@pytest.mark.parametrize("backend", ["reference", "dense", "auto"])  # "auto" takes "dense" at this size
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_reference_is_twice_differentiable(name):
+def test_reference_and_dense_are_twice_differentiable(name, backend):
     fn = LOSSES[name]
-    a, b, c = _inputs(1)
-    ga = torch.autograd.grad(fn(a, b, c, "reference"), a, create_graph=True)[0]
-    (ga ** 2).sum().backward()
-    assert b.grad is not None and torch.isfinite(b.grad).all()
+
+    def second_order(backend):
+        a, b, c = _inputs(1)
+        ga = torch.autograd.grad(fn(a, b, c, backend), a, create_graph=True)[0]
+        (ga ** 2).sum().backward()
+        return b.grad
+
+    got = second_order(backend)
+    assert got is not None and torch.isfinite(got).all()
+    if backend != "reference":
+        assert_close64(got, second_order("reference"), what=f"{name}: second derivative on {backend}")
