@@ -29,11 +29,11 @@ def _ext_modules():
         and cpp_extension.CUDA_HOME is not None
         and bool(cuda_sources)
     )
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-DXLOSS_PY_MODULE"]  # no -march=native: a wheel runs anywhere
+    cxx = ["-O3", "-fopenmp", "-DXLOSS_PY_MODULE"]  # no -march=native: a wheel runs anywhere
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "xloss._C", sources + cuda_sources,
-            extra_compile_args={"cxx": cxx + ["-DXLOSS_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx + ["-DXLOSS_WITH_CUDA"], "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:

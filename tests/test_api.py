@@ -120,7 +120,8 @@ def test_dispatch_table_covers_every_family_with_a_chunked_engine():
         engines = [r.engine for r in _dispatch.routes(family)]
         assert "chunked" in engines, family
         assert engines.index("chunked") == len(engines) - 1, f"{family}: chunked must be the last fallback"
-    assert set(_dispatch.FAMILIES) == {"info_nce", "distill", "sigmoid", "late_interaction", "gram", "symile", "banzhaf"}
+    assert set(_dispatch.FAMILIES) == {"info_nce", "distill", "sigmoid", "late_interaction", "xtr", "gram", "symile",
+                                       "banzhaf"}
 
 
 def test_dispatch_modules_exist_and_aliases_resolve(monkeypatch):

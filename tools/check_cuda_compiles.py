@@ -40,11 +40,13 @@ def main() -> int:
     sources = sorted(os.path.join(csrc, "cuda", f) for f in os.listdir(os.path.join(csrc, "cuda")) if f.endswith(".cu"))
     includes = [*cpp_extension.include_paths(), csrc, os.path.join(csrc, "stub")]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    # torch's headers need C++20 from 2.14 on (std::strong_ordering, requires-clauses); C++17 before.
+    std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 14) else "-std=c++17"
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     with tempfile.TemporaryDirectory() as out:
         for src in sources:
             cmd = [
-                nvcc, "-c", src, "-o", os.path.join(out, os.path.basename(src) + ".o"), "-std=c++17", "-O2",
+                nvcc, "-c", src, "-o", os.path.join(out, os.path.basename(src) + ".o"), std, "-O2",
                 "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
                 "-DTORCH_EXTENSION_NAME=xloss_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
                 "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",

@@ -5,6 +5,9 @@ Public API::
     xloss.info_nce(query, key, logit_scale=..., ...)   # CLIP / InfoNCE without the N×M logits
     xloss.maxsim(q, d, q_mask, d_mask, ...)            # late interaction (ColBERT / FILIP) scores [Nq, Nd]
     xloss.maxsim_pairs(q, d, ...)                      # query a against document a, [N]
+    xloss.maxsim_grouped(q, d, ...)                    # query a against its own n documents, [N, n]
+    xloss.late_interaction_distill_loss(q, d, t, ...)  # ColBERTv2 / PyLate distillation from teacher scores
+    xloss.xtr_scores(q, d, ..., k=...)                 # XTR: top-k token retrieval, no [Nq, Lq, Nd, Ld] tensor
     xloss.late_interaction_loss(q, d, logit_scale=...) # MaxSim scores, then cross-entropy
     xloss.sigmoid_loss(query, key, logit_scale=s, logit_bias=b)  # SigLIP, gradients in one sweep
     xloss.symile_loss(x, y, z, logit_scale=...)        # Symile (multilinear inner product), n_squared streamed
@@ -29,10 +32,17 @@ from .banzhaf import banzhaf_interaction
 from .gradcache import GradCache
 from .gram import gram_loss, gram_volume
 from .infonce import info_nce
-from .late_interaction import late_interaction_loss, maxsim, maxsim_pairs
+from .late_interaction import (
+    late_interaction_distill_loss,
+    late_interaction_loss,
+    maxsim,
+    maxsim_grouped,
+    maxsim_pairs,
+)
 from .sigmoid import sigmoid_loss
 from .soft_targets import cwcl_loss, distill_loss
 from .symile import symile_loss
+from .xtr import xtr_loss, xtr_scores
 
 
 def __getattr__(name):
@@ -56,11 +66,15 @@ __all__ = [
     "gram_loss",
     "gram_volume",
     "info_nce",
+    "late_interaction_distill_loss",
     "late_interaction_loss",
     "maxsim",
+    "maxsim_grouped",
     "maxsim_pairs",
     "nn",
     "reference",
     "sigmoid_loss",
     "symile_loss",
+    "xtr_loss",
+    "xtr_scores",
 ]

@@ -45,9 +45,9 @@ def cuda_sources() -> list[str]:
 def cxx_flags(sanitize: str = "") -> list[str]:
     """Flags of the CPU sources.  The JIT build targets this machine's CPU (-march=native); the ahead-of-time
     build in setup.py does not, so a wheel runs anywhere."""
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-fopenmp"]
     if sanitize:
-        flags = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}", "-fopenmp", "-std=c++17"]
+        flags = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}", "-fopenmp"]
     else:
         flags.append("-march=native")
     return flags
@@ -110,7 +110,7 @@ def _jit_build(sanitize: str) -> None:
         name=name,
         sources=sources,
         extra_cflags=cxx_flags(sanitize) + (["-DXLOSS_WITH_CUDA"] if cuda else []),
-        extra_cuda_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=["-O3"],
         extra_ldflags=ldflags,
         is_python_module=False,  # a plain shared library: loading it runs the TORCH_LIBRARY registrations
         verbose=os.environ.get("XLOSS_EXT_VERBOSE", "0") not in ("", "0"),

@@ -374,5 +374,8 @@ def late_interaction_loss(
     return reduce_terms(terms, reduction)
 
 
+# The training layouts (issue 14), after the functions they build on.
+from .grouped import late_interaction_distill_loss, maxsim_grouped
+
 __all__ = ["DIRECTIONS", "MASK_MODES", "TOKEN_REDUCTIONS", "MaxSimFunction", "MaxSimOptions",
-           "late_interaction_loss", "maxsim", "maxsim_pairs"]
+           "late_interaction_distill_loss", "late_interaction_loss", "maxsim", "maxsim_grouped", "maxsim_pairs"]

@@ -216,3 +216,57 @@ def late_interaction_loss(q, d, q_mask=None, d_mask=None, *, logit_scale=None, t
                                       q_weights=q_weights, d_weights=d_weights, direction=direction)
     terms = cross_entropy_terms(s_q2d, s_d2q, logit_scale, labels, direction, label_smoothing)
     return reduce_terms(terms, reduction)
+
+
+# --- Training layouts (issue 14): each query against its own documents, distillation, XTR ------------------
+
+
+def maxsim_grouped(q, d, q_mask=None, d_mask=None, *, token_reduction="sum", mask_mode="exclude"):
+    """Naive grouped scores: query a against its own n documents ``d[a, 0..n-1]``, ``[N, n]``.
+
+    ``q [N, Lq, D]``, ``d [N, n, Ld, D]``, ``q_mask [N, Lq]``, ``d_mask [N, n, Ld]``; ``S_aj`` is the q→d
+    :func:`maxsim` of ``q[a]`` against ``d[a, j]`` (PyLate's ``colbert_kd_scores``, sentence-transformers'
+    ``colbert_kd_scores``).  Built as the aligned pairs of ``q`` repeated n times with the flattened groups.
+    """
+    n_q, n = d.shape[0], d.shape[1]
+    qr = q.repeat_interleave(n, dim=0)
+    qm = None if q_mask is None else q_mask.repeat_interleave(n, dim=0)
+    dm = None if d_mask is None else d_mask.reshape(n_q * n, -1)
+    s = maxsim_pairs(qr, d.reshape(n_q * n, *d.shape[2:]), qm, dm, token_reduction=token_reduction,
+                     mask_mode=mask_mode)
+    return s.view(n_q, n)
+
+
+def min_max_normalize(scores, eps=1e-8):
+    """PyLate's ``Distillation(normalize_scores=True)``: each row mapped to [0, 1] by its min and max."""
+    hi = scores.max(dim=1, keepdim=True).values
+    lo = scores.min(dim=1, keepdim=True).values
+    return (scores - lo) / (hi - lo + eps)
+
+
+def kl_terms(student, teacher):
+    """``KL(softmax(teacher) ‖ softmax(student))`` of each row, ``[N]`` (``nn.KLDivLoss(log_target=True)``)."""
+    log_p = F.log_softmax(teacher, dim=-1)
+    log_q = F.log_softmax(student, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def late_interaction_distill_loss(q, d, teacher_scores, q_mask=None, d_mask=None, *, logit_scale=None,
+                                  temperature=None, teacher_temperature=1.0, normalize_scores=False,
+                                  token_reduction="sum", mask_mode="exclude", reduction="mean"):
+    """Naive late-interaction distillation: ``KL(softmax(t/τ_T) ‖ softmax(s·S))`` over each query's n documents.
+
+    ``S = maxsim_grouped(q, d)`` ``[N, n]``, min-max normalised per row first with ``normalize_scores``
+    (PyLate's option), times the student scale ``s`` (default 1); ``t = teacher_scores [N, n]`` divided by
+    ``teacher_temperature``, no gradient.  ``reduction``: ``"mean"`` (``"batchmean"``: the sum over rows / N,
+    PyLate's ``size_average=True``), ``"sum"`` or ``"none"`` (``[N]``).
+    """
+    if logit_scale is not None and temperature is not None:
+        raise TypeError("give at most one of logit_scale= and temperature=")
+    scale = 1.0 / temperature if temperature is not None else (1.0 if logit_scale is None else logit_scale)
+    s = maxsim_grouped(q, d, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode)
+    if normalize_scores:
+        s = min_max_normalize(s)
+    terms = kl_terms(scale * s, teacher_scores.detach().to(s.dtype) / teacher_temperature)
+    return reduce_terms(terms, reduction)
+
