@@ -54,6 +54,11 @@ def _t(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
 
 
+def _xtr(b):
+    """XTR has one engine (chunked); the Triton rows of the matrix run it through "auto"."""
+    return {"backend": "auto"} if b["backend"] == "triton" else b
+
+
 def _cases(backend):
     q, k, c = _t(16, 8, seed=1), _t(16, 8, seed=2), _t(16, 8, seed=3)
     s = torch.tensor(2.0, requires_grad=True)
@@ -61,6 +66,8 @@ def _cases(backend):
     tq, td = _t(4, 4, 8, seed=4), _t(5, 6, 8, seed=5)
     d_mask = torch.ones(5, 6, dtype=torch.bool)
     d_mask[1, 4:] = False
+    tg, g_mask = _t(4, 2, 6, 8, seed=6), torch.ones(4, 2, 6, dtype=torch.bool)  # each query's 2 documents
+    g_mask[2, 1, 3:] = False
     b = {"backend": backend}
     return {
         "info_nce": lambda: xloss.info_nce(q, k, logit_scale=s, **b),
@@ -81,13 +88,18 @@ def _cases(backend):
         "maxsim_pairs": lambda: xloss.maxsim_pairs(tq, td[:4], None, d_mask[:4], **b).sum(),
         "late_interaction_loss": lambda: xloss.late_interaction_loss(tq, td, None, d_mask, logit_scale=s,
                                                                      direction="both", **b),
+        "maxsim_grouped": lambda: xloss.maxsim_grouped(tq, tg, None, g_mask, **b).sum(),
+        "late_interaction_distill_loss": lambda: xloss.late_interaction_distill_loss(
+            tq, tg, torch.randn(4, 2), None, g_mask, temperature=0.5, normalize_scores=True, **b),
+        "xtr_scores": lambda: xloss.xtr_scores(tq, td, None, d_mask, k=7, **_xtr(b)).sum(),
+        "xtr_loss": lambda: xloss.xtr_loss(tq, td, None, d_mask, k=7, logit_scale=s, **_xtr(b)),
         "distill_loss": lambda: xloss.distill_loss(q, k, c.detach(), c.detach(), logit_scale=s, **b),
         "cwcl_loss": lambda: xloss.cwcl_loss(q, k, logit_scale=s, symmetric=True, **b),
     }
 
 
 FAMILY = {"info_nce": "info_nce", "sigmoid": "sigmoid", "gram": "gram", "symile": "symile", "maxsim": "late_interaction",
-          "late": "late_interaction", "distill": "distill", "cwcl": "info_nce"}
+          "late": "late_interaction", "distill": "distill", "cwcl": "info_nce", "xtr": "xtr"}
 NAMES = sorted(_cases("chunked"))
 
 
