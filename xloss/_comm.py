@@ -452,3 +452,58 @@ def _make_group(group, exchange, grad_reduction, query, key, labels, scales, nee
     comm = GroupComm(group, exchange, grad_reduction)
     comm.layout, need_grad = _exchange_meta(comm, query, key, labels, scales, need_grad, groups)
     return comm, need_grad
+
+
+# --- Rows of every rank as one tensor, with gradients (the all_gather exchange of the token families) ---------
+
+
+def gather_sized(comm: GroupComm, x: torch.Tensor, sizes) -> torch.Tensor:
+    """Every rank's ``x [sizes[r], ...]`` concatenated in rank order (a padded all_gather when uneven)."""
+    top = max(sizes)
+    if min(sizes) == top:
+        return comm.all_gather_rows(x).flatten(0, 1)
+    pad = x.new_zeros((top,) + tuple(x.shape[1:]))
+    pad[: x.shape[0]] = x
+    full = comm.all_gather_rows(pad)
+    return torch.cat([full[r, : sizes[r]] for r in range(comm.size)])
+
+
+def scatter_sized(comm: GroupComm, x: torch.Tensor, sizes) -> torch.Tensor:
+    """Sum ``x [Σ sizes, ...]`` over ranks; this rank's ``[sizes[rank], ...]`` rows (the adjoint of
+    :func:`gather_sized`)."""
+    top = max(sizes)
+    if min(sizes) == top:
+        return comm.reduce_scatter_rows(x.contiguous())
+    pad = x.new_zeros((comm.size * top,) + tuple(x.shape[1:]))
+    off = 0
+    for r, size in enumerate(sizes):
+        pad[r * top : r * top + size] = x[off : off + size]
+        off += size
+    return comm.reduce_scatter_rows(pad)[: sizes[comm.rank]]
+
+
+class GatherRows(torch.autograd.Function):
+    """:func:`gather_sized` with its adjoint as the backward: each rank's gradient of the gathered rows, summed
+    over ranks, comes back to the rows' owner.  Every rank must run the backward (it communicates)."""
+
+    @staticmethod
+    def forward(ctx, x, comm, sizes):
+        ctx.comm, ctx.sizes = comm, sizes
+        return gather_sized(comm, x, sizes)
+
+    @staticmethod
+    def backward(ctx, g):
+        return scatter_sized(ctx.comm, g, ctx.sizes), None, None
+
+
+def gather_rows(comm: GroupComm, x: torch.Tensor | None, sizes, with_grad: bool = False):
+    """Every rank's rows of ``x`` (None stays None).  ``with_grad`` (decided the same on every rank: any rank
+    needs gradients) goes through :class:`GatherRows`, so that every rank runs the backward's collective; a
+    rank whose ``x`` needs no gradient then gathers a detached copy that does, and drops its gradient."""
+    if x is None:
+        return None
+    if x.dtype == torch.bool:  # collectives move numbers
+        return gather_sized(comm, x.to(torch.uint8), sizes).bool()
+    if with_grad and torch.is_grad_enabled():
+        return GatherRows.apply(x if x.requires_grad else x.detach().requires_grad_(), comm, tuple(sizes))
+    return gather_sized(comm, x, sizes)

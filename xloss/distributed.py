@@ -5,8 +5,10 @@ single-process loss of the concatenated batch ``q = cat_r q_r`` (``[N, D]``), ``
 and no rank ever holds the global ``N×M`` logits.  Only ``torch.distributed`` collectives and point-to-point
 ops are used (gloo on CPU, NCCL on CUDA); the tile work is done by the same engines as on one process.
 
-Entry points: ``xloss.info_nce(..., group=g, exchange=..., grad_reduction=...)`` and
-``xloss.sigmoid_loss(..., group=g, ...)``.  There is no separate multi-rank code path: each family's one
+Entry points: ``xloss.info_nce(..., group=g, exchange=..., grad_reduction=...)``,
+``xloss.sigmoid_loss(..., group=g, ...)`` and ``xloss.late_interaction_loss(..., group=g, exchange="all_gather")``
+(token sets: the documents' tokens, masks and weights are gathered with a differentiable all_gather whose
+backward returns every rank's document gradients to their owners; ``xloss/late_interaction/ranks.py``).  There is no separate multi-rank code path: each family's one
 autograd Function takes a communicator (``xloss/_comm.py``: a no-op one on a single process, a
 ``GroupComm`` across ranks) and its sweeps (``xloss/<family>/sweeps.py``) move the key blocks.  This module
 documents the semantics and keeps ``info_nce`` / ``sigmoid_loss`` here as aliases of the public functions

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _checks, _dispatch
+from .. import _checks, _comm, _dispatch
 from .. import reference as _reference
 from .._api import renamed
 from .._autograd import first_order_only
@@ -317,6 +317,9 @@ def late_interaction_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     backend: str = "auto",
+    group=None,
+    exchange: str = "all_gather",
+    grad_reduction: str = "mean",
 ) -> torch.Tensor:
     """Late-interaction contrastive loss (ColBERT in-batch negatives, FILIP): MaxSim scores, then cross-entropy.
 
@@ -338,6 +341,17 @@ def late_interaction_loss(
             deprecated old name, accepted for one release with a DeprecationWarning.)
         label_smoothing: ``ε`` in [0, 1], as ``F.cross_entropy``, on every term.
         reduction: the loss reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-query terms ``[Nq]``).
+        group: a ``torch.distributed`` ProcessGroup: ``q``/``d`` (masks, weights) are this rank's rows of a batch
+            spread over the group (row counts and token counts may differ across ranks); every rank's queries see
+            every rank's documents as negatives.  ``labels`` are then GLOBAL document indices (default: local
+            query i ↔ global document ``offset_r + i``); the value is the loss of the whole batch, the same on
+            every rank (``"none"``: this rank's ``[n_r]`` terms).  Equal to the single-process loss on the
+            concatenated batch (padded to the longest token count with masked-out tokens).  See
+            ``xloss/late_interaction/ranks.py`` and ``xloss.distributed``.
+        exchange: ``"all_gather"`` (the documents' tokens are gathered once per call; the only exchange of late
+            interaction so far).
+        grad_reduction: ``"mean"`` (default: gradients scaled by the world size, for DDP's / FSDP's average) or
+            ``"sum"`` (exact shares), as ``xloss.info_nce``.
 
     Returns:
         0-dim loss, or ``[Nq]`` per-query terms for ``reduction="none"``.
@@ -349,7 +363,9 @@ def late_interaction_loss(
     q_mask, d_mask = _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
                                    direction)
     nq, nd = q.shape[0], d.shape[0]
-    _checks.check_positives(labels, nq, nd, q.device, "q", "d", "document")
+    across_ranks = group is not None and _comm.world_size(group) > 1
+    if not across_ranks:  # across ranks labels are global: the metadata exchange checks them on every rank
+        _checks.check_positives(labels, nq, nd, q.device, "q", "d", "document")
     _checks.check_label_smoothing(label_smoothing)
     _checks.check_reduction(reduction)
     if logit_scale is None and temperature is None:
@@ -357,7 +373,14 @@ def late_interaction_loss(
                         "temperature= (logit_scale = 1/temperature)")
     _check_scale_device(q.device, logit_scale=logit_scale, temperature=temperature)
     scale = _checks.resolve_scale(logit_scale, temperature, q.device)
-    name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype, local=True, cells=_cells(q, d))
+    name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype, local=not across_ranks, cells=_cells(q, d))
+    if across_ranks:
+        from .ranks import loss_across_ranks
+
+        return loss_across_ranks(q, d, q_mask, d_mask, q_weights, d_weights, scale=scale, labels=labels,
+                                 direction=direction, mask_mode=mask_mode, token_reduction=token_reduction,
+                                 label_smoothing=float(label_smoothing), reduction=reduction, engine=name,
+                                 group=group, exchange=exchange, grad_reduction=grad_reduction)
     if name in ("reference", "dense"):
         # int64 labels (a uint8 tensor would index as a mask) and a float32 result for half inputs, as the engines
         dq, dd, dqw, ddw = _dispatch.dense_inputs(name, q, d, q_weights, d_weights)
