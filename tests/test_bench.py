@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -107,3 +109,96 @@ def test_worker_reports_oom_instead_of_raising():
         assert result["median_s"] is None
     assert bench.worker._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB"))
     assert not bench.worker._is_oom(RuntimeError("shape mismatch"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Late interaction at training scale (issue 14): the families late_interaction_distill and xtr
+# ----------------------------------------------------------------------------------------------------------
+
+HAS_ST = importlib.util.find_spec("sentence_transformers") is not None
+
+
+def test_late_interaction_training_preset():
+    """Both families registered; the preset runs them on the CPU in fp32 up to the bar-setting shapes."""
+    assert {"late_interaction_distill", "xtr"} <= set(bench.FAMILIES)
+    assert "reference" in bench.FAMILIES["xtr"].extras
+    preset = bench.PRESETS["late-interaction-training"]["cpu"]
+    assert set(bench.PRESETS["late-interaction-training"]) == {"cpu"} and preset.dtype == "float32"
+    assert preset.families == ("late_interaction_distill", "xtr") and preset.baselines == ("naive",)
+    assert preset.shapes == ((64, 16, 128), (128, 16, 128), (256, 16, 128))  # (N, n, D)
+    assert preset.family_shapes["xtr"] == ((16, 64, 128), (32, 128, 128), (64, 256, 128))  # (Nq, Nd, D)
+    cfg = bench.resolve_config(bench.build_parser().parse_args(["--preset", "late-interaction-training"]),
+                               bench.build_parser())
+    assert cfg.families == ["late_interaction_distill", "xtr"] and cfg.device == "cpu"
+    # The naive distillation at the bar (d is 377 MB): its estimate stays well within a 16 GiB machine.
+    estimate = bench.FAMILIES["late_interaction_distill"].naive.estimate_peak_bytes(
+        (256, 16, 128), torch.float32, torch.device("cpu"))
+    assert 2**30 < estimate < 2 * 2**30
+
+
+def _grads(family, impl, shape):
+    inputs = family.make_inputs(shape, torch.float32, torch.device("cpu"))
+    family.impl(impl).run(inputs)
+    return inputs["q"].grad, inputs["d"].grad
+
+
+@pytest.mark.parametrize("name, shape, impls", [
+    ("late_interaction_distill", (6, 3, 16), ("naive",)),
+    ("xtr", (3, 6, 16), ("reference", *(("naive",) if HAS_ST else ()))),
+    ("xtr", (4, 6, 16), ("reference", *(("naive",) if HAS_ST else ()))),  # Nq does not divide Nd
+])
+def test_training_family_baselines_compute_the_same_gradients(name, shape, impls):
+    """The baselines compute what xloss computes: the same gradients of q and d on the family's inputs."""
+    family = bench.FAMILIES[name]
+    expected = _grads(family, "xloss", shape)
+    assert all(g is not None and g.abs().sum() > 0 for g in expected)
+    for impl in impls:
+        for got, want in zip(_grads(family, impl, shape), expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, baselines", [("late_interaction_distill", "naive"), ("xtr", "naive,reference")])
+def test_training_family_run_writes_csv(tmp_path, name, baselines):
+    """Each family runs at a tiny shape in worker processes and writes finite ratios."""
+    rc = bench.main(["--family", name, "--sizes", "4", "--dim", "16", "--runs", "1", "--device", "cpu",
+                     "--baselines", baselines, "--no-plot", "--out", str(tmp_path)])
+    assert rc == 0
+    columns, rows = _read_csv(tmp_path / f"{name}_cpu_float32.csv")
+    assert columns == bench.CSV_COLUMNS
+    assert [r["baseline"] for r in rows] == baselines.split(",")
+    for row in rows:
+        assert (row["family"], row["n"], row["m"], row["d"]) == (name, "4", "4", "16")
+        assert row["xloss_status"] == "ok"
+        if row["baseline"] == "naive" and name == "xtr" and not HAS_ST:
+            assert row["baseline_status"] == "unavailable: sentence_transformers is not installed"
+            continue
+        assert row["status"] == "ok", row["status"]
+        for key in ("xloss_time_s", "baseline_time_s", "time_ratio", "xloss_tflops"):
+            assert math.isfinite(float(row[key])) and float(row[key]) > 0, key
+        # A tiny run may fit in memory the priming run freed: its resident-set growth can be 0 (no mem_ratio
+        # when the baseline's is).
+        peaks = [int(row["xloss_peak_bytes"]), int(row["baseline_peak_bytes"])]
+        assert min(peaks) >= 0
+        if peaks[1] > 0:
+            assert math.isfinite(float(row["mem_ratio"])) and float(row["mem_ratio"]) >= 0
+
+
+def test_xtr_without_sentence_transformers(tmp_path, monkeypatch):
+    """Where sentence-transformers is not installed the xtr baseline is reported unavailable, not an error."""
+    launched = []
+
+    def fake_child(args, timeout):
+        launched.append(json.loads(args[1])["impl"])
+        return {"status": "ok", "times_s": [0.5], "median_s": 0.5, "peak_bytes": 1024, "backend": "chunked",
+                "threads": 1}
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sentence_transformers" else find_spec(name, *a))
+    monkeypatch.setattr(bench.worker, "_run_child", fake_child)
+    rc = bench.main(["--family", "xtr", "--sizes", "4", "--dim", "16", "--runs", "1", "--device", "cpu",
+                     "--no-plot", "--out", str(tmp_path)])
+    assert rc == 0 and launched == ["xloss"]
+    (row,) = _read_csv(tmp_path / "xtr_cpu_float32.csv")[1]
+    assert row["baseline_status"] == "unavailable: sentence_transformers is not installed"
+    assert row["time_ratio"] == row["mem_ratio"] == ""

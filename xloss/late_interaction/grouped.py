@@ -3,9 +3,9 @@
 A distillation batch holds, for each query, n candidate documents a teacher has scored (PyLate's
 ``Distillation``, sentence-transformers' ``MultiVectorDistillKLDivLoss``): ``q [N, Lq, D]``,
 ``d [N, n, Ld, D]``, ``teacher_scores [N, n]``.  The naive scores build ``[N, n, Lq, Ld]`` similarities (and
-as much again for their gradient); here each of the n columns is one aligned-pair MaxSim sweep
-(``maxsim_pairs``: chunked ``bmm``s, arg-max routing in the backward), so nothing larger than a tile of
-``[rows, Lq, Ld]`` exists, and the ``[N, n]`` scores feed the softmaxes of the KL divergence directly.
+as much again for their gradient); here the ``N·n`` (query, document) pairs are one aligned-pair MaxSim sweep
+(``maxsim_pairs``: chunked ``bmm``s, arg-max routing in the backward) over ``d`` flattened (a view) and ``q``
+repeated n times, so nothing larger than a tile of ``[rows, Lq, Ld]`` exists, and the ``[N, n]`` scores feed the softmaxes of the KL divergence directly.
 """
 
 from __future__ import annotations
@@ -61,14 +61,17 @@ def maxsim_grouped(q: Tensor, d: Tensor, q_mask: Tensor | None = None, d_mask: T
         dq, dd = _dispatch.dense_inputs("dense", q, d)
         return _reference.maxsim_grouped(dq, dd, q_mask, d_mask, token_reduction=token_reduction,
                                          mask_mode=mask_mode).to(accumulation_dtype(q.dtype))
-    # One aligned-pair sweep per column; unbind's backward stacks the n column gradients into d's once.
-    columns = d.unbind(1)
-    masks = d_mask.unbind(1) if d_mask is not None else [None] * len(columns)
-    scores = [maxsim_pairs(q, c, q_mask, m, token_reduction=token_reduction, mask_mode=mask_mode, backend="chunked")
-              for c, m in zip(columns, masks)]
-    if not scores:
-        return torch.zeros(q.shape[0], 0, dtype=accumulation_dtype(q.dtype), device=q.device)
-    return torch.stack(scores, dim=1)
+    # One aligned-pair sweep over the N·n (query, document) pairs: d flattened is a view (its gradient is d.grad
+    # itself, no per-column copies to stack); q is repeated n times (N·n·Lq·D, Ld/Lq·D/D times smaller than d).
+    n_q, n = d.shape[0], d.shape[1]
+    if n == 0:
+        return torch.zeros(n_q, 0, dtype=accumulation_dtype(q.dtype), device=q.device)
+    qr = q.repeat_interleave(n, dim=0) if n > 1 else q
+    qm = q_mask.repeat_interleave(n, dim=0) if (q_mask is not None and n > 1) else q_mask
+    dm = None if d_mask is None else d_mask.reshape(n_q * n, d.shape[2])
+    s = maxsim_pairs(qr, d.reshape(n_q * n, *d.shape[2:]), qm, dm, token_reduction=token_reduction,
+                     mask_mode=mask_mode, backend="chunked")
+    return s.view(n_q, n)
 
 
 def late_interaction_distill_loss(

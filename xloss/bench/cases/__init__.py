@@ -13,4 +13,5 @@ from . import banzhaf  # noqa: F401
 from . import sigmoid  # noqa: F401
 from . import soft_targets  # noqa: F401  (distill, cwcl)
 from . import gradcache  # noqa: F401  (MiniLM steps through xloss.GradCache against uncached ones)
+from . import late_interaction_training  # noqa: F401  (late_interaction_distill, xtr)
 # isort: on
