@@ -93,8 +93,9 @@ class MaxSimFunction(torch.autograd.Function):
         # The padding contract: the routing's products (a sparse matrix times the token rows) would carry
         # 0·NaN from masked-out embeddings into valid tokens' gradients, so they are zeros here.  Only here:
         # no forward reads them into a result, and nothing is copied before a backward needs it.
-        q = zero_padding(q, q_valid) if o.q_masked else q
-        d = zero_padding(d, d_valid) if o.d_masked else d
+        # (The aligned-pair backward gathers winners only and guards its products with where: no copies.)
+        q = zero_padding(q, q_valid) if o.q_masked and not o.pairs else q
+        d = zero_padding(d, d_valid) if o.d_masked and not o.pairs else d
         grads = _ops.backward(g_q2d if o.q2d else None, g_d2q if o.d2q else None, q, d, q_w, d_w, q_valid, d_valid,
                               idx_q2d, val_q2d, idx_d2q, val_d2q, o.zero_mode, o.q2d, o.d2q, o.engine, o.pairs,
                               ctx.needs_input_grad[:4])

@@ -161,10 +161,15 @@ def pairs_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q
         ii = ii.clamp_min(0)
         if zero_mode:
             ok &= torch.gather(y_valid, 1, ii)
-        coef = torch.where(ok, g[:, None] * w, torch.zeros((), dtype=acc, device=x.device))  # [N, LX]
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        coef = torch.where(ok, g[:, None] * w, zero)  # [N, LX]
         index = ii[:, :, None].expand(-1, -1, x.shape[2])
-        dx += coef[:, :, None] * torch.gather(y, 1, index)
-        dy.scatter_add_(1, index, coef[:, :, None] * x)
+        # where, not a product with coef = 0: a token without a valid winner (masked out, or no partner) may
+        # hold NaN/inf padding, and 0·NaN would reach a valid token's gradient.  So the inputs need no
+        # zero-padded copy here (for the grouped layout d is the largest tensor of the step).
+        ok3 = ok[:, :, None]
+        dx += torch.where(ok3, coef[:, :, None] * torch.gather(y, 1, index), zero)
+        dy.scatter_add_(1, index, torch.where(ok3, coef[:, :, None] * x, zero))
 
     if g_q2d is not None and aux_q2d is not None:
         idx, val = aux_q2d
