@@ -280,8 +280,8 @@ def maxsim_pairs(
     """Aligned-pair scores ``[N]``: query a against document a only (reranking, distillation).
 
     The same options, formulas and padding contract as :func:`maxsim` with ``Nq == Nd == N`` (q and d 3-D);
-    ``O(N·Lq·Ld·D)`` work in chunked ``bmm``s (the chunked engine on every device, whatever the backend; ``backend="reference"`` runs the naive
-    definition).
+    ``O(N·Lq·Ld·D)`` work in chunked ``bmm``s (the chunked engine on every device for "auto", "chunked" and
+    "triton"; ``"dense"``, which "auto" takes for small problems, and ``"reference"`` run the definition).
     """
     q_mask, d_mask = _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
                                    direction)
@@ -290,10 +290,12 @@ def maxsim_pairs(
             f"maxsim_pairs scores query a against document a: q and d need the same number of rows, got "
             f"q {tuple(q.shape)} and d {tuple(d.shape)} (use maxsim for all pairs)"
         )
-    name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype)
-    if name == "reference":
-        return _reference.maxsim_pairs(q, d, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
-                                       q_weights=q_weights, d_weights=d_weights, direction=direction
+    name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype, local=True,
+                             cells=q.shape[0] * q.shape[1] * d.shape[1])  # the [N, Lq, Ld] "dense" would hold
+    if name in ("reference", "dense"):  # "dense" (auto for small problems): the definition, twice differentiable
+        dq, dd, dqw, ddw = _dispatch.dense_inputs(name, q, d, q_weights, d_weights)
+        return _reference.maxsim_pairs(dq, dd, q_mask, d_mask, token_reduction=token_reduction, mask_mode=mask_mode,
+                                       q_weights=dqw, d_weights=ddw, direction=direction
                                        ).to(accumulation_dtype(q.dtype))
     s_q2d, s_d2q = _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction,
                                 "chunked", pairs=True)  # only the chunked engine has the aligned-pair sweeps
