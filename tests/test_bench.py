@@ -202,3 +202,22 @@ def test_xtr_without_sentence_transformers(tmp_path, monkeypatch):
     (row,) = _read_csv(tmp_path / "xtr_cpu_float32.csv")[1]
     assert row["baseline_status"] == "unavailable: sentence_transformers is not installed"
     assert row["time_ratio"] == row["mem_ratio"] == ""
+
+
+def test_workspace_ratio_compares_the_peaks_beyond_the_inputs_gradients():
+    from xloss.bench.report import _workspace_ratio
+
+    xl = {"peak_bytes": 110, "grad_bytes": 100}
+    assert _workspace_ratio(xl, {"peak_bytes": 300}) == pytest.approx(0.05)
+    assert _workspace_ratio({"peak_bytes": 90, "grad_bytes": 100}, {"peak_bytes": 300}) == 0.0  # RSS noise
+    assert _workspace_ratio(xl, {"peak_bytes": 100}) is None  # the baseline holds nothing beyond them
+    assert _workspace_ratio({"peak_bytes": None, "grad_bytes": 1}, {"peak_bytes": 300}) is None
+
+
+def test_measure_records_the_inputs_gradient_bytes():
+    from xloss.bench.worker import _grad_bytes
+
+    inputs = {"q": torch.zeros(3, 4, requires_grad=True), "d": torch.zeros(5, dtype=torch.float64,
+                                                                           requires_grad=True),
+              "mask": torch.ones(3, dtype=torch.bool), "n": 7}
+    assert _grad_bytes(inputs) == 3 * 4 * 4 + 5 * 8

@@ -532,15 +532,17 @@ def test_one_function_runs_every_public_path_through_the_ops(monkeypatch):
     calls = []
     fwd, bwd = li_ops.forward, li_ops.backward
     monkeypatch.setattr(li_ops, "forward", lambda *a: calls.append(("fwd", a[9], a[10])) or fwd(*a))  # engine, pairs
-    monkeypatch.setattr(li_ops, "backward", lambda *a: calls.append(("bwd", a[-3], a[-2])) or bwd(*a))
+    monkeypatch.setattr(li_ops, "backward", lambda *a: calls.append(("bwd", a[15], a[16])) or bwd(*a))
     q, d, qm, dm, _, _ = make_inputs(nq=4, nd=4)
     q.requires_grad_(True)
     for fn in (lambda: xloss.maxsim(q, d, qm, dm, direction="both", backend="cpu"),
                lambda: xloss.maxsim_pairs(q, d, qm, dm, backend="cpu"),
-               lambda: xloss.late_interaction_loss(q, d, qm, dm, logit_scale=2.0, backend="cpu")):
+               lambda: xloss.late_interaction_loss(q, d, qm, dm, logit_scale=2.0, backend="cpu"),
+               lambda: xloss.maxsim_grouped(q, d.view(4, 1, *d.shape[1:]), qm, dm.view(4, 1, -1))):
         fn().sum().backward()
     assert calls == [("fwd", "chunked", False), ("bwd", "chunked", False), ("fwd", "chunked", True),
-                     ("bwd", "chunked", True), ("fwd", "chunked", False), ("bwd", "chunked", False)]
+                     ("bwd", "chunked", True), ("fwd", "chunked", False), ("bwd", "chunked", False),
+                     ("fwd", "chunked", True), ("bwd", "chunked", True)]
     opts = MaxSimOptions()
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.engine = "triton"

@@ -222,6 +222,27 @@ def test_op_under_torch_compile():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, d), f(q, d))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("zero_mode", [False, True])
+def test_grouped_pairs_equal_repeated_queries(dtype, zero_mode):
+    """group=n: query a against documents a·n … a·n + n - 1, the same as pairs with each query repeated n times
+    (the queries are packed once), scores, maxima and arg-max indices alike; garbage in masked-out tokens
+    changes nothing."""
+    n_q, n, lq, ld, dim = 3, 4, 9, 13, 10
+    q, d, qm, dm = _inputs(n_q, lq, n_q * n, ld, dim, dtype=dtype, q_mask=True)
+    q = q.masked_fill(~qm[:, :, None], float("nan"))
+    d = d.masked_fill(~dm[:, :, None], float("nan"))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    qw = qm.to(acc)
+    got = OP(q, d, qw, qm, dm, zero_mode, True, True, n)
+    rep = [t.repeat_interleave(n, dim=0) for t in (q, qw, qm)]
+    want = OP(rep[0], d, rep[1], rep[2], dm, zero_mode, True, True)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.isfinite(got[0]).all()
+
+
 def test_bad_input_messages():
     q, d, qm, dm = _inputs(2, 5, 3, 7, 4, dtype=torch.float32, q_mask=True)
     qw = qm.float()
@@ -236,6 +257,8 @@ def test_bad_input_messages():
         ((q, d, qw, qm.float(), dm, False, False, True), "q_valid must be a bool"),
         ((q, d, qw, qm, dm[:, :6], False, False, True), "d_valid must be a bool"),
         ((q, d, qw, qm, dm, False, True, True), "pairs=True needs as many queries as documents"),
+        ((q, d, qw, qm, dm, False, True, True, 2), "pairs=True with group=2 needs 2 documents per query"),
+        ((q, d, qw, qm, dm, False, True, True, 0), "group must be at least 1"),
     ]
     for args, msg in cases:
         with pytest.raises(RuntimeError, match=msg):

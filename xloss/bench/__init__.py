@@ -20,7 +20,9 @@ How it measures:
 * Peak memory is what the run adds on top of its inputs.  CUDA: ``max_memory_allocated`` after
   ``reset_peak_memory_stats``, minus what was allocated before.  CPU: growth of the resident set, i.e.
   ``VmHWM`` after the run minus ``VmRSS`` before it, with the high-water mark reset through
-  ``/proc/self/clear_refs`` first.
+  ``/proc/self/clear_refs`` first.  The CSV also gives ``input_grad_bytes`` (the gradients of the inputs,
+  which every implementation writes and both peaks include) and ``workspace_ratio``, the peaks compared beyond
+  them: what the loss itself holds.
 * A naive run whose estimated peak exceeds 85 % of the available memory (``MemAvailable``, or free CUDA
   memory; ``--mem-limit-gib`` lowers it) is not launched and is reported as ``skipped: needs ~X GiB, Y GiB
   available``; a worker that runs out of memory anyway is reported as ``oom``.

@@ -23,12 +23,21 @@ CSV_COLUMNS = [
     "xloss_peak_bytes", "baseline_peak_bytes", "baseline_peak_estimate_bytes", "mem_ratio", "xloss_tflops",
     "xloss_times_s", "baseline_times_s", "status", "xloss_status", "baseline_status", "torch_version",
     "triton_version", "xloss_version", "xloss_commit", "python_version", "date", "preset",
-    "xloss_calls_per_run", "baseline_calls_per_run",
+    "xloss_calls_per_run", "baseline_calls_per_run", "input_grad_bytes", "workspace_ratio",
 ]
 
 
 def _ratio(a, b) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _workspace_ratio(xl: dict, base: dict) -> float | None:
+    """The peaks compared beyond the inputs' gradients (the same bytes for both, which both must write): what
+    the loss itself holds.  None when a peak is missing or the baseline holds nothing beyond them."""
+    grad = xl.get("grad_bytes")
+    if grad is None or xl.get("peak_bytes") is None or base.get("peak_bytes") is None:
+        return None
+    return _ratio(max(0, xl["peak_bytes"] - grad), base["peak_bytes"] - grad) if base["peak_bytes"] > grad else None
 
 
 def make_row(family: Family, shape: Shape, baseline: str, xl: dict, base: dict, cfg: Config,
@@ -53,6 +62,8 @@ def make_row(family: Family, shape: Shape, baseline: str, xl: dict, base: dict, 
         "status": "ok" if both_ok else "; ".join(bad),
         "xloss_status": xl["status"], "baseline_status": base["status"], "preset": cfg.preset,
         "xloss_calls_per_run": xl.get("calls_per_run"), "baseline_calls_per_run": base.get("calls_per_run"),
+        "input_grad_bytes": xl.get("grad_bytes"),
+        "workspace_ratio": _workspace_ratio(xl, base) if both_ok else None,
         **context,
     }
 

@@ -87,6 +87,13 @@ def _engines_used():
         _dispatch.resolve = original
 
 
+def _grad_bytes(inputs: dict) -> int:
+    """Bytes of the gradients of the inputs that require grad: what every implementation of the step must
+    write (part of each peak), so that the peaks can also be compared beyond them."""
+    return sum(t.numel() * t.element_size() for t in inputs.values()
+               if isinstance(t, torch.Tensor) and t.requires_grad)
+
+
 def measure(family: Family, impl: Impl, shape: Shape, dtype: torch.dtype, device: torch.device,
             runs: int, min_run_s: float = 0.0) -> dict:
     """Prime, build inputs, warm up (measuring peak memory) and time ``runs`` runs of one implementation.
@@ -95,7 +102,8 @@ def measure(family: Family, impl: Impl, shape: Shape, dtype: torch.dtype, device
     to last ``min_run_s``) and its time is the mean per step.
 
     Returns:
-        ``{"status", "times_s", "median_s", "peak_bytes", "backend", "threads"}``; status "ok", "oom" or
+        ``{"status", "times_s", "median_s", "peak_bytes", "grad_bytes", "backend", "threads"}``; status "ok",
+        "oom" or
         "error: ...".
     """
     result = {"backend": None, "threads": torch.get_num_threads(), "times_s": [], "median_s": None,
@@ -110,6 +118,7 @@ def measure(family: Family, impl: Impl, shape: Shape, dtype: torch.dtype, device
                 impl.run(tiny)
         del tiny
         inputs = family.make_inputs(shape, dtype, device)
+        result["grad_bytes"] = _grad_bytes(inputs)
         with memory.PeakMemory(device) as peak, _engines_used() as used:
             impl.run(inputs)
         result["peak_bytes"] = peak.peak_bytes

@@ -21,7 +21,8 @@ TORCH_LIBRARY(xloss, m) {
   // from seed) or bool/uint8 [B, T, V, num_samples, T + V]; mode "hbi" | "textbook" -> [B, T, V].
   // Late interaction, query→document MaxSim (SPEC.md §3; cpu/maxsim.cpp, Python in xloss/late_interaction/cpu.py):
   // q [Nq, Lq, D], d [Nd, Ld, D] (fp32/bf16/fp16/fp64), q_w [Nq, Lq] (fp32, fp64 for fp64), bool q_valid /
-  // d_valid -> (scores [Nq, Nd] or [N] for pairs, arg-max int16/int32 [.., Lq], maxima [.., Lq]; empty unless need_aux).
-  m.def("maxsim_q2d(Tensor q, Tensor d, Tensor q_w, Tensor q_valid, Tensor d_valid, bool zero_mode, bool pairs, bool need_aux) -> (Tensor, Tensor, Tensor)");
+  // d_valid, pairs (query a // group against document a) -> (scores [Nq, Nd] or [Nd] for pairs, arg-max
+  // int16/int32 [.., Lq], maxima [.., Lq]; empty unless need_aux).
+  m.def("maxsim_q2d(Tensor q, Tensor d, Tensor q_w, Tensor q_valid, Tensor d_valid, bool zero_mode, bool pairs, bool need_aux, int group=1) -> (Tensor, Tensor, Tensor)");
   m.def("banzhaf_interaction(Tensor sim, Tensor text_weight, Tensor video_weight, Tensor text_mask, Tensor video_mask, int num_samples, int seed, Tensor? coalitions, str mode) -> Tensor");
 }

@@ -53,6 +53,7 @@ class MaxSimOptions:
     d2q: bool = False  # compute the document→query scores
     engine: str = "chunked"  # "chunked" | "triton" (see xloss._dispatch); aligned pairs: "chunked" only
     pairs: bool = False  # query a against document a only: ``[N]`` scores
+    group: int = 1  # pairs: query a against documents a·group … a·group + group - 1 (maxsim_grouped; q2d only)
     need_aux: bool = True  # the engine returns the arg-max indices and maxima (False: nothing is saved)
     q_masked: bool = True  # q_mask was given: masked-out query tokens may hold anything (NaN, inf)
     d_masked: bool = True  # likewise d_mask
@@ -73,7 +74,7 @@ class MaxSimFunction(torch.autograd.Function):
         o = options
         s_q2d, s_d2q, idx_q2d, val_q2d, idx_d2q, val_d2q = _ops.forward(
             q, d, q_w, d_w, q_valid, d_valid, o.zero_mode, o.q2d, o.d2q, o.engine, o.pairs, o.need_aux,
-            o.q_masked, o.d_masked,
+            o.q_masked, o.d_masked, o.group,
         )
         ctx.set_materialize_grads(False)
         ctx.options = o
@@ -98,7 +99,7 @@ class MaxSimFunction(torch.autograd.Function):
         d = zero_padding(d, d_valid) if o.d_masked and not o.pairs else d
         grads = _ops.backward(g_q2d if o.q2d else None, g_d2q if o.d2q else None, q, d, q_w, d_w, q_valid, d_valid,
                               idx_q2d, val_q2d, idx_d2q, val_d2q, o.zero_mode, o.q2d, o.d2q, o.engine, o.pairs,
-                              ctx.needs_input_grad[:4])
+                              ctx.needs_input_grad[:4], o.group)
         return (*grads, None, None, None)
 
 
@@ -171,8 +172,9 @@ def _check_scale_device(device: torch.device, **scales) -> None:
 
 
 def _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction, engine: str,
-                 pairs: bool):
-    """``(S^{q2d}, S^{d2q})``, None for a direction not asked, through :class:`MaxSimFunction`."""
+                 pairs: bool, group: int = 1):
+    """``(S^{q2d}, S^{d2q})``, None for a direction not asked, through :class:`MaxSimFunction` (``group``: see
+    :class:`MaxSimOptions`)."""
     acc = accumulation_dtype(q.dtype)
     q2d, d2q = direction in ("q2d", "both"), direction in ("d2q", "both")
     q_valid = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if q_mask is None else q_mask
@@ -180,7 +182,7 @@ def _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_
     q_w = token_weights(q_valid, q_weights if q2d else None, token_reduction, acc)
     d_w = token_weights(d_valid, d_weights, token_reduction, acc) if d2q else None
     need_aux = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, d, q_w, d_w))
-    options = MaxSimOptions(mask_mode == "zero", q2d, d2q, engine, pairs, need_aux, q_mask is not None,
+    options = MaxSimOptions(mask_mode == "zero", q2d, d2q, engine, pairs, group, need_aux, q_mask is not None,
                             d_mask is not None)
     s_q2d, s_d2q = MaxSimFunction.apply(q, d, q_w, d_w, q_valid, d_valid, options)
     return (s_q2d if q2d else None), (s_d2q if d2q else None)

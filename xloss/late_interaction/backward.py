@@ -144,48 +144,86 @@ def maxsim_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2
     return dq, dd, dq_w, dd_w
 
 
-def pairs_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q, g_q2d, g_d2q,
-                   need_q, need_d, need_qw, need_dw):
-    """Gradients of the aligned-pair scores ``[N]`` (query a against document a): gathers and one
-    ``scatter_add_`` per direction, ``O(N·L·D)``.  Arguments as :func:`maxsim_backward`, with ``idx``/``val``
-    of shape ``[N, Lq]`` (q2d) or ``[N, Ld]`` (d2q) and ``g [N]``."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, df = q.to(acc), d.to(acc)
-    dq = torch.zeros_like(qf) if (need_q or need_d) else None
-    dd = torch.zeros_like(df) if (need_q or need_d) else None
-    dq_w = dd_w = None
+def route_pairs(x, y, idx, g, w, y_valid, zero_mode: bool, group: int = 1):
+    """Gradients of the aligned-pair scores ``S_p = Σ_s w[p//group, s]·<x[p//group, s], y[p, idx[p, s]]>``.
 
-    def one(x, y, dx, dy, idx, g, w, y_valid):
-        ii = idx.to(torch.int64)
-        ok = ii >= 0
-        ii = ii.clamp_min(0)
+    Args:
+        x: ``[NP/group, LX, D]`` the weighted side (its tokens each take a max over a row of y); y:
+            ``[NP, LY, D]`` the other side; any floating dtype (blocks are computed in g's dtype).
+        idx: ``[NP, LX]`` integer arg-max into ``LY`` (-1: no winner); g: ``[NP]`` incoming gradient in the
+            accumulation dtype; w: ``[NP/group, LX]`` token weights.
+        y_valid: ``[NP, LY]`` bool; in zero mode an invalid winner scored a constant 0 and routes nothing.
+        group: each row of x meets ``group`` consecutive rows of y (the grouped layout); 1 = aligned pairs.
+
+    Returns:
+        ``dx [NP/group, LX, D]`` (summed over each row's group) and ``dy [NP, LY, D]`` in g's dtype.
+
+    ``dx`` gathers the winners' rows (``index_select``), ``dy`` adds the weighted rows of x at the winners
+    (``index_add_``): ``O(NP·LX·D)`` in blocks of rows sized by ``XLOSS_CPU_TILE_MB``, so no temporary is
+    larger than a block (for the grouped layout y and dy are the largest tensors of the step, and dy is
+    written once, by its zero fill and the scattered rows).  A token without a valid winner (masked out, or no
+    partner) contributes exactly 0: its gathered row and its own row may hold NaN/inf padding, so they are
+    replaced by 0 (``masked_fill_``), never multiplied by a zero coefficient.
+    """
+    n, lx = idx.shape
+    ly, dim = y.shape[1], y.shape[2]
+    acc, dev = g.dtype, g.device
+    dx = torch.empty(x.shape[0], lx, dim, dtype=acc, device=dev)
+    dy = torch.zeros(n * ly, dim, dtype=acc, device=dev)
+    yflat = y.reshape(n * ly, dim)
+    rows = max(1, budget_bytes() // (2 * max(1, lx * dim) * max(4, y.element_size())) // group) * group
+    for a0 in range(0, n, rows):
+        a1 = min(n, a0 + rows)
+        m = a1 - a0
+        ii = idx[a0:a1].to(torch.int64, copy=True)  # modified in place below
+        bad = ii < 0
+        ii.clamp_min_(0)
         if zero_mode:
-            ok &= torch.gather(y_valid, 1, ii)
-        zero = torch.zeros((), dtype=acc, device=x.device)
-        coef = torch.where(ok, g[:, None] * w, zero)  # [N, LX]
-        index = ii[:, :, None].expand(-1, -1, x.shape[2])
-        # where, not a product with coef = 0: a token without a valid winner (masked out, or no partner) may
-        # hold NaN/inf padding, and 0·NaN would reach a valid token's gradient.  So the inputs need no
-        # zero-padded copy here (for the grouped layout d is the largest tensor of the step).
-        ok3 = ok[:, :, None]
-        dx += torch.where(ok3, coef[:, :, None] * torch.gather(y, 1, index), zero)
-        dy.scatter_add_(1, index, torch.where(ok3, coef[:, :, None] * x, zero))
+            bad |= ~torch.gather(y_valid[a0:a1], 1, ii)
+        wa = w[a0 // group: a1 // group].to(acc)
+        coef = g[a0:a1].view(-1, group, 1) * wa[:, None, :]  # [m/group, group, lx]
+        coef = coef.reshape(m, lx).masked_fill_(bad, 0)
+        ii += (torch.arange(a0, a1, device=dev) * ly)[:, None]  # rows of yflat / dy
+        flat = ii.view(-1)
+        bad3 = bad[:, :, None]
+        win = yflat.index_select(0, flat).view(m, lx, dim).to(acc).masked_fill_(bad3, 0).mul_(coef[:, :, None])
+        dx[a0 // group: a1 // group] = win.view(-1, group, lx, dim).sum(1) if group > 1 else win
+        xa = x[a0 // group: a1 // group].to(acc)
+        src = (xa[:, None] * coef.view(-1, group, lx, 1)).view(m, lx, dim).masked_fill_(bad3, 0)
+        dy.index_add_(0, flat, src.view(m * lx, dim))
+    return dx, dy.view(n, ly, dim)
+
+
+def pairs_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q, g_q2d, g_d2q,
+                   need_q, need_d, need_qw, need_dw, group: int = 1):
+    """Gradients of the aligned-pair scores ``[N]`` (query a against document a; with ``group`` > 1, query a
+    against documents ``a·group …``, q2d only): :func:`route_pairs` per direction, ``O(N·L·D)``.  Arguments
+    as :func:`maxsim_backward`, with ``idx``/``val`` of shape ``[Nd, Lq]`` (q2d) or ``[N, Ld]`` (d2q) and
+    ``g [Nd]``."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = dd = dq_w = dd_w = None
+
+    def add(a, b):
+        return b if a is None else a + b
 
     if g_q2d is not None and aux_q2d is not None:
         idx, val = aux_q2d
         g = g_q2d.to(acc)
-        if dq is not None:
-            one(qf, df, dq, dd, idx, g, q_w.to(acc), d_valid)
+        if need_q or need_d:
+            dq, dd = route_pairs(q, d, idx, g, q_w, d_valid, zero_mode, group)
         if need_qw:
-            dq_w = g[:, None] * val
+            dq_w = (g[:, None] * val).view(-1, group, val.shape[1]).sum(1)
     if g_d2q is not None and aux_d2q is not None:
+        if group > 1:
+            raise ValueError("grouped aligned pairs (group > 1) score query→document only")
         idx, val = aux_d2q
         g = g_d2q.to(acc)
-        if dq is not None:
-            one(df, qf, dd, dq, idx, g, d_w.to(acc), q_valid)
+        if need_q or need_d:
+            gd, gq = route_pairs(d, q, idx, g, d_w, q_valid, zero_mode)
+            dq, dd = add(dq, gq), add(dd, gd)
         if need_dw:
             dd_w = g[:, None] * val
     return dq, dd, dq_w, dd_w
 
 
-__all__ = ["maxsim_backward", "pairs_backward", "route", "weight_grad"]
+__all__ = ["maxsim_backward", "pairs_backward", "route", "route_pairs", "weight_grad"]

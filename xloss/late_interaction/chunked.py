@@ -112,20 +112,20 @@ def _use_op(q: torch.Tensor, q2d: bool, d2q: bool) -> bool:
     return q.device.type == "cpu" and q2d and not d2q and _ext.has_op(_OP, fake=_maxsim_q2d_fake)
 
 
-def _maxsim_q2d_fake(q, d, q_w, q_valid, d_valid, zero_mode, pairs, need_aux):
-    """Shapes and dtypes of ``xloss::maxsim_q2d``: scores ``[Nq, Nd]`` (``[N]`` for pairs), indices and
-    maxima ``[Nq, Nd, Lq]`` (``[N, Lq]``), or empty tensors without ``need_aux``."""
+def _maxsim_q2d_fake(q, d, q_w, q_valid, d_valid, zero_mode, pairs, need_aux, group=1):
+    """Shapes and dtypes of ``xloss::maxsim_q2d``: scores ``[Nq, Nd]`` (``[Nd]`` for pairs), indices and
+    maxima ``[Nq, Nd, Lq]`` (``[Nd, Lq]``), or empty tensors without ``need_aux``."""
     acc = accumulation_dtype(q.dtype)
-    lead = (q.shape[0],) if pairs else (q.shape[0], d.shape[0])
+    lead = (d.shape[0],) if pairs else (q.shape[0], d.shape[0])
     aux = (*lead, q.shape[1]) if need_aux else (0,)
     return (q.new_empty(lead, dtype=acc), q.new_empty(aux, dtype=index_dtype(d.shape[1])),
             q.new_empty(aux, dtype=acc))
 
 
-def _op_fwd(q, d, q_w, q_valid, d_valid, zero_mode: bool, pairs: bool, need_aux: bool):
+def _op_fwd(q, d, q_w, q_valid, d_valid, zero_mode: bool, pairs: bool, need_aux: bool, group: int = 1):
     """The engine result ``(s, idx, val, None, None, None)`` from the compiled op."""
     q_w = q_w.to(accumulation_dtype(q.dtype))
-    s, idx, val = torch.ops.xloss.maxsim_q2d(q, d, q_w, q_valid, d_valid, zero_mode, pairs, need_aux)
+    s, idx, val = torch.ops.xloss.maxsim_q2d(q, d, q_w, q_valid, d_valid, zero_mode, pairs, need_aux, group)
     return s, (idx if need_aux else None), (val if need_aux else None), None, None, None
 
 
@@ -211,14 +211,20 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
 
 
 def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *,
-                     need_aux: bool = True, q_masked: bool = True, d_masked: bool = True):
+                     need_aux: bool = True, q_masked: bool = True, d_masked: bool = True, group: int = 1):
     """Aligned pairs: query a against document a only (``Nq == Nd == N``), chunked ``bmm``s of ``[n, Lq, Ld]``.
 
     Arguments as :func:`maxsim_fwd`.  Returns ``(s_q2d, idx_q2d, val_q2d, s_d2q, idx_d2q, val_d2q)`` with
     ``s [N]``, ``idx_q2d``/``val_q2d [N, Lq]`` and ``idx_d2q``/``val_d2q [N, Ld]``; None where not asked.
+    ``group`` > 1 (query→document only): ``Nd = Nq·group`` and query a meets documents ``a·group … a·group +
+    group - 1`` (the grouped layout); the queries are repeated here for the sweep only, nothing repeated is kept.
     """
-    if _use_op(q, q2d, d2q):
-        return _op_fwd(q, d, q_w, q_valid, d_valid, zero_mode, True, need_aux)
+    if group > 1 and d2q:
+        raise ValueError("grouped aligned pairs (group > 1) score query→document only")
+    if _use_op(q, q2d, d2q):  # the op takes the group as it is (the queries are packed once)
+        return _op_fwd(q, d, q_w, q_valid, d_valid, zero_mode, True, need_aux, group)
+    if group > 1:  # the tile loop pairs rows: repeat the queries for the sweep (freed after it)
+        q, q_w, q_valid = (t.repeat_interleave(group, dim=0) for t in (q, q_w, q_valid))
     acc = accumulation_dtype(q.dtype)
     dev = q.device
     n, lq, _ = q.shape
@@ -270,10 +276,10 @@ def maxsim_bwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, aux_q2d, aux_d
 
 
 def maxsim_pairs_bwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, aux_q2d, aux_d2q, g_q2d, g_d2q,
-                     need_q: bool, need_d: bool, need_qw: bool, need_dw: bool):
+                     need_q: bool, need_d: bool, need_qw: bool, need_dw: bool, group: int = 1):
     """Gradients of the aligned-pair scores of :func:`maxsim_pairs_fwd`: ``backward.pairs_backward``."""
     return _bwd.pairs_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q, g_q2d, g_d2q,
-                               need_q, need_d, need_qw, need_dw)
+                               need_q, need_d, need_qw, need_dw, group=group)
 
 
 from . import backward as _bwd  # last: backward.py imports budget_bytes from here

@@ -66,14 +66,17 @@ class MaxSimPairsEngine(Protocol):
 
     def maxsim_pairs_fwd(self, q: Tensor, d: Tensor, q_w: Tensor, d_w: Tensor | None, q_valid: Tensor,
                          d_valid: Tensor, zero_mode: bool, q2d: bool, d2q: bool, *, need_aux: bool = True,
-                         q_masked: bool = True, d_masked: bool = True) -> Six:
+                         q_masked: bool = True, d_masked: bool = True, group: int = 1) -> Six:
         """As :meth:`MaxSimEngine.maxsim_fwd` with ``Nq == Nd == N``: ``s [N]``, ``idx``/``val [N, Lq]`` (q2d) and
-        ``[N, Ld]`` (d2q)."""
+        ``[N, Ld]`` (d2q).  ``group`` > 1 (q2d only): ``Nd = Nq·group``, query a against documents
+        ``a·group … a·group + group - 1`` (``maxsim_grouped``); the outputs have ``Nd`` rows."""
 
     def maxsim_pairs_bwd(self, q: Tensor, d: Tensor, q_w: Tensor, d_w: Tensor | None, q_valid: Tensor,
                          d_valid: Tensor, zero_mode: bool, aux_q2d: Aux, aux_d2q: Aux, g_q2d: Tensor | None,
-                         g_d2q: Tensor | None, need_q: bool, need_d: bool, need_qw: bool, need_dw: bool) -> Four:
-        """As :meth:`MaxSimEngine.maxsim_bwd` for the aligned-pair scores (``g [N]``)."""
+                         g_d2q: Tensor | None, need_q: bool, need_d: bool, need_qw: bool, need_dw: bool,
+                         group: int = 1) -> Four:
+        """As :meth:`MaxSimEngine.maxsim_bwd` for the aligned-pair scores (``g [Nd]``; ``dq``, ``dq_w`` of q's
+        shape: summed over each query's ``group`` documents)."""
 
 
 __all__ = ["MaxSimEngine", "MaxSimPairsEngine"]

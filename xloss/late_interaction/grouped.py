@@ -4,8 +4,10 @@ A distillation batch holds, for each query, n candidate documents a teacher has 
 ``Distillation``, sentence-transformers' ``MultiVectorDistillKLDivLoss``): ``q [N, Lq, D]``,
 ``d [N, n, Ld, D]``, ``teacher_scores [N, n]``.  The naive scores build ``[N, n, Lq, Ld]`` similarities (and
 as much again for their gradient); here the ``N·n`` (query, document) pairs are one aligned-pair MaxSim sweep
-(``maxsim_pairs``: chunked ``bmm``s, arg-max routing in the backward) over ``d`` flattened (a view) and ``q``
-repeated n times, so nothing larger than a tile of ``[rows, Lq, Ld]`` exists, and the ``[N, n]`` scores feed the softmaxes of the KL divergence directly.
+(the engine of ``maxsim_pairs`` with ``group=n``: query a against documents ``a·n … a·n + n - 1``; the compiled
+CPU micro-kernel or chunked ``bmm``s, arg-max routing in the backward) over ``d`` flattened (a view), so
+nothing larger than a tile exists, the backward's temporaries are blocks of rows and ``d``'s gradient is
+written once; the ``[N, n]`` scores feed the softmaxes of the KL divergence directly.
 """
 
 from __future__ import annotations
@@ -53,24 +55,24 @@ def maxsim_grouped(q: Tensor, d: Tensor, q_mask: Tensor | None = None, d_mask: T
     """
     from .. import _dispatch
     from .. import reference as _reference
-    from . import FAMILY, maxsim_pairs
+    from . import FAMILY, _check_inputs, _directional
 
     _check_grouped(q, d, q_mask, d_mask)
+    n_q, n, ld = d.shape[0], d.shape[1], d.shape[2]
+    d_flat = d.reshape(n_q * n, ld, d.shape[3])  # a view for a contiguous d: its gradient is d.grad itself
+    q_mask, d_mask_flat = _check_inputs(q, d_flat, q_mask, None if d_mask is None else d_mask.reshape(n_q * n, ld),
+                                        token_reduction, mask_mode, None, None, "q2d")
     name = _dispatch.resolve(FAMILY, backend, q.device, q.dtype)
     if name in ("reference", "dense"):
         dq, dd = _dispatch.dense_inputs("dense", q, d)
         return _reference.maxsim_grouped(dq, dd, q_mask, d_mask, token_reduction=token_reduction,
                                          mask_mode=mask_mode).to(accumulation_dtype(q.dtype))
-    # One aligned-pair sweep over the N·n (query, document) pairs: d flattened is a view (its gradient is d.grad
-    # itself, no per-column copies to stack); q is repeated n times (N·n·Lq·D, Ld/Lq·D/D times smaller than d).
-    n_q, n = d.shape[0], d.shape[1]
     if n == 0:
         return torch.zeros(n_q, 0, dtype=accumulation_dtype(q.dtype), device=q.device)
-    qr = q.repeat_interleave(n, dim=0) if n > 1 else q
-    qm = q_mask.repeat_interleave(n, dim=0) if (q_mask is not None and n > 1) else q_mask
-    dm = None if d_mask is None else d_mask.reshape(n_q * n, d.shape[2])
-    s = maxsim_pairs(qr, d.reshape(n_q * n, *d.shape[2:]), qm, dm, token_reduction=token_reduction,
-                     mask_mode=mask_mode, backend="chunked")
+    # One aligned-pair sweep over the N·n (query, document) pairs, query a against documents a·n … a·n + n - 1
+    # (group=n): the gradient of d is written once, the queries are never repeated in what is kept.
+    s, _ = _directional(q, d_flat, q_mask, d_mask_flat, token_reduction, mask_mode, None, None, "q2d", "chunked",
+                        pairs=True, group=n)
     return s.view(n_q, n)
 
 

@@ -27,6 +27,8 @@
 //
 // Padding contract: a masked-out query token is never computed into anything: value 0, index -1, and nothing
 // added to the score (not 0·max: its max may be NaN or inf when a valid document token is non-finite).
+// Aligned pairs (pairs=True): query a // group against document a, Nd = Nq·group (group=1: Nq == Nd; more:
+// the grouped layout, each query against its own `group` documents, the queries packed once, never repeated).
 // Accumulation: fp32 for fp32/bf16/fp16 inputs (half documents are converted per document into a
 // thread-local buffer), fp64 for fp64.  Outputs, as cpu.maxsim_fwd's q2d part: scores [Nq, Nd] (or [N] for
 // aligned pairs), and with need_aux the arg-max indices (int16, int32 beyond 32767 document tokens) and the
@@ -195,7 +197,7 @@ void pair_scores(const Job<A>& job, int64_t lq, const bool* qv, const A* qw, A* 
 
 template <typename T, typename A, typename I>
 void run(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_w, const at::Tensor& q_valid,
-         const at::Tensor& d_valid, bool zero_mode, bool pairs, bool need_aux, at::Tensor& scores,
+         const at::Tensor& d_valid, bool zero_mode, bool pairs, int64_t group, bool need_aux, at::Tensor& scores,
          at::Tensor& val, at::Tensor& idx) {
   constexpr int W = Vec<A>::W;
   const int64_t nq = q.size(0), lq = q.size(1), dim = q.size(2);
@@ -244,13 +246,13 @@ void run(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_w, const 
   // Work items: (document, block of queries), document-major so that a thread reuses a document from cache.
   const int64_t qblock = pairs ? 1 : std::max<int64_t>(1, std::min<int64_t>(nq, 16));
   const int64_t nqb = pairs ? 1 : (nq + qblock - 1) / qblock;
-  const int64_t items = pairs ? nq : nd * nqb;
+  const int64_t items = pairs ? nd : nd * nqb;
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     std::vector<A> buf(kConvert ? static_cast<size_t>(ld * dim) : 0);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = pairs ? it : it / nqb;
-      const int64_t a0 = pairs ? it : (it % nqb) * qblock;
-      const int64_t a1 = pairs ? it + 1 : std::min(nq, a0 + qblock);
+      const int64_t a0 = pairs ? it / group : (it % nqb) * qblock;  // pairs: query it/group meets document it
+      const int64_t a1 = pairs ? a0 + 1 : std::min(nq, a0 + qblock);
       const T* drow = dp + b * ld * dim;
       const A* doc;
       if constexpr (kConvert) {
@@ -265,7 +267,7 @@ void run(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_w, const 
                  zero_mode};
       for (int64_t a = a0; a < a1; ++a) {
         job.qT = packed.data() + a * qstride;
-        const int64_t o = pairs ? a : a * nd + b;  // output row
+        const int64_t o = pairs ? b : a * nd + b;  // output row
         const bool* qva = qv + a * lq;
         if (need_aux) {
           pair_scores<A, true, I>(job, lq, qva, qwp + a * lq, sp + o, vp + o * lq, ip + o * lq);
@@ -280,7 +282,7 @@ void run(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_w, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> maxsim_q2d(const at::Tensor& q, const at::Tensor& d,
                                                           const at::Tensor& q_w, const at::Tensor& q_valid,
                                                           const at::Tensor& d_valid, bool zero_mode, bool pairs,
-                                                          bool need_aux) {
+                                                          bool need_aux, int64_t group) {
   TORCH_CHECK(q.device().is_cpu() && d.device().is_cpu() && q_w.device().is_cpu() && q_valid.device().is_cpu() &&
                   d_valid.device().is_cpu(),
               "xloss::maxsim_q2d: q, d, q_w, q_valid and d_valid must be CPU tensors");
@@ -306,17 +308,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxsim_q2d(const at::Tensor& q, c
                   d_valid.size(1) == ld,
               "xloss::maxsim_q2d: d_valid must be a bool [Nd, Ld] = [", nd, ", ", ld, "] tensor, got ",
               d_valid.scalar_type(), " ", d_valid.sizes());
-  TORCH_CHECK(!pairs || nq == nd, "xloss::maxsim_q2d: pairs=True needs as many queries as documents, got q ",
-              q.sizes(), " and d ", d.sizes());
+  TORCH_CHECK(group >= 1, "xloss::maxsim_q2d: group must be at least 1, got ", group);
+  TORCH_CHECK(!pairs || group != 1 || nq == nd, "xloss::maxsim_q2d: pairs=True needs as many queries as "
+              "documents, got q ", q.sizes(), " and d ", d.sizes());
+  TORCH_CHECK(!pairs || nq * group == nd, "xloss::maxsim_q2d: pairs=True with group=", group, " needs ", group,
+              " documents per query, got q ", q.sizes(), " and d ", d.sizes());
 
   const auto qc = q.contiguous(), dc = d.contiguous(), qwc = q_w.contiguous();
   const auto qvc = q_valid.contiguous(), dvc = d_valid.contiguous();
   const auto opts = q.options().dtype(acc);
   const bool wide = ld > 32767;  // index dtype of cpu.index_dtype
-  at::Tensor scores = pairs ? at::empty({nq}, opts) : at::empty({nq, nd}, opts);
+  at::Tensor scores = pairs ? at::empty({nd}, opts) : at::empty({nq, nd}, opts);
   at::Tensor val, idx;
   if (need_aux) {
-    auto shape = pairs ? std::vector<int64_t>{nq, lq} : std::vector<int64_t>{nq, nd, lq};
+    auto shape = pairs ? std::vector<int64_t>{nd, lq} : std::vector<int64_t>{nq, nd, lq};
     val = at::empty(shape, opts);
     idx = at::empty(shape, q.options().dtype(wide ? at::kInt : at::kShort));
   } else {
@@ -328,9 +333,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxsim_q2d(const at::Tensor& q, c
 #define XLOSS_MAXSIM_RUN(T, A)                                                                               \
   do {                                                                                                     \
     if (wide)                                                                                              \
-      run<T, A, int32_t>(qc, dc, qwc, qvc, dvc, zero_mode, pairs, need_aux, scores, val, idx);              \
+      run<T, A, int32_t>(qc, dc, qwc, qvc, dvc, zero_mode, pairs, group, need_aux, scores, val, idx);       \
     else                                                                                                   \
-      run<T, A, int16_t>(qc, dc, qwc, qvc, dvc, zero_mode, pairs, need_aux, scores, val, idx);              \
+      run<T, A, int16_t>(qc, dc, qwc, qvc, dvc, zero_mode, pairs, group, need_aux, scores, val, idx);       \
   } while (0)
   switch (st) {
     case at::kFloat: XLOSS_MAXSIM_RUN(float, float); break;

@@ -45,12 +45,12 @@ int main() {
   auto maxsim = dispatcher.findSchemaOrThrow("xloss::maxsim_q2d", "")
                     .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const at::Tensor&, bool, bool, bool)>();
+                        const at::Tensor&, bool, bool, bool, int64_t)>();
   {
     auto q = torch::randn({2, 3, 8}), d = torch::randn({4, 5, 8});
     auto q_w = torch::ones({2, 3}), q_valid = torch::ones({2, 3}, torch::kBool);
     auto d_valid = torch::ones({4, 5}, torch::kBool);
-    auto out = maxsim.call(q, d, q_w, q_valid, d_valid, false, false, true);
+    auto out = maxsim.call(q, d, q_w, q_valid, d_valid, false, false, true, 1);
     auto expected = torch::einsum("qtd,cvd->qctv", {q, d}).amax(-1).sum(-1);  // ColBERT sum of maxima
     check(std::get<0>(out).sizes() == expected.sizes() && torch::allclose(std::get<0>(out), expected, 1e-5, 1e-5),
           "maxsim_q2d equals einsum + max + sum");
@@ -60,7 +60,7 @@ int main() {
     d_nan.index_put_({1, 2, 0}, std::nan(""));
     q_pad.index_put_({0, 2}, std::nan(""));
     q_mask.index_put_({0, 2}, false);
-    auto nan_out = maxsim.call(q_pad, d_nan, q_w * q_mask, q_mask, d_valid, false, false, true);
+    auto nan_out = maxsim.call(q_pad, d_nan, q_w * q_mask, q_mask, d_valid, false, false, true, 1);
     auto s_nan = std::get<0>(nan_out), idx_nan = std::get<1>(nan_out), val_nan = std::get<2>(nan_out);
     check(torch::isnan(s_nan.index({torch::indexing::Slice(), 1})).all().item<bool>() &&
               torch::isfinite(s_nan.index({torch::indexing::Slice(), 0})).all().item<bool>(),
@@ -69,9 +69,9 @@ int main() {
           "maxsim_q2d: the NaN wins the max at its own index");
     check((idx_nan.index({0, 0, 2}) == -1).item<bool>() && (val_nan.index({0, 0, 2}) == 0).item<bool>(),
           "maxsim_q2d: a masked-out query token is value 0, index -1, whatever it holds");
-    check(throws([&] { maxsim.call(q, torch::randn({4, 5, 7}), q_w, q_valid, d_valid, false, false, false); }),
+    check(throws([&] { maxsim.call(q, torch::randn({4, 5, 7}), q_w, q_valid, d_valid, false, false, false, 1); }),
           "maxsim_q2d rejects a feature-dimension mismatch");
-    check(throws([&] { maxsim.call(q, d, q_w, q_valid, torch::ones({4, 6}, torch::kBool), false, false, false); }),
+    check(throws([&] { maxsim.call(q, d, q_w, q_valid, torch::ones({4, 6}, torch::kBool), false, false, false, 1); }),
           "maxsim_q2d rejects a d_valid of the wrong shape");
   }
 
