@@ -306,67 +306,78 @@ def _check_late_interaction(world):
         {"direction": "both", "mask_mode": "exclude", "reduction": "mean", "labels": False, "weights": True},
         {"direction": "q2d", "mask_mode": "zero", "reduction": "none", "labels": False, "weights": True},
     ]
-    for split in ("even", "uneven"):
-        for cfg in configs:
-            seed += 1
-            how = {} if seed % 2 else {"grad_reduction": "sum"}
-            f = world if seed % 2 else 1
-            what = f"late_interaction {split} {cfg} {how}"
-            n, m = SIZES[world][split]
-            gen = torch.Generator().manual_seed(seed)
-            q = torch.randn(sum(n), lq, D, dtype=F64, generator=gen)
-            d = torch.randn(sum(m), ld, D, dtype=F64, generator=gen)
-            qm = torch.rand(sum(n), lq, generator=gen) > 0.2
-            dm = torch.rand(sum(m), ld, generator=gen) > 0.3
-            qm[:, 0] = dm[:, 0] = True
-            rank = dist.get_rank()
-            # uneven token counts: rank r's documents end r tokens early (masked out in the global batch)
-            ld_r = ld - (rank % 2 if split == "uneven" and cfg["mask_mode"] == "exclude" else 0)
-            cut = [ld - (r % 2 if split == "uneven" and cfg["mask_mode"] == "exclude" else 0) for r in range(world)]
-            for r in range(world):
-                dm[sum(m[:r]):sum(m[: r + 1]), cut[r]:] = False
-            qw = torch.rand(sum(n), lq, dtype=F64, generator=gen) + 0.5
-            dw = torch.rand(sum(m), ld, dtype=F64, generator=gen) + 0.5
-            labels = torch.randint(0, sum(m), (sum(n),), generator=gen)
-            grad = torch.rand(sum(n), dtype=F64, generator=gen) + 0.5
-            qs = slice(sum(n[:rank]), sum(n[: rank + 1]))
-            ks = slice(sum(m[:rank]), sum(m[: rank + 1]))
-            default = torch.cat([torch.arange(n[r]) + sum(m[:r]) for r in range(world)])
-            direction = cfg["direction"]
-            use_qw = cfg["weights"] and direction != "d2q"
-            use_dw = cfg["weights"] and direction != "q2d"
-            qr, dr = q.clone().requires_grad_(), d.clone().requires_grad_()
-            qwr, dwr = qw.clone().requires_grad_(), dw.clone().requires_grad_()
-            sr = torch.tensor(1.3, dtype=F64, requires_grad=True)
-            opts = {"direction": direction, "mask_mode": cfg["mask_mode"], "reduction": cfg["reduction"]}
-            ref = reference.late_interaction_loss(
-                qr, dr, qm, dm, logit_scale=sr, labels=labels if cfg["labels"] else default,
-                q_weights=qwr if use_qw else None, d_weights=dwr if use_dw else None, **opts)
-            ql, dl = q[qs].clone().requires_grad_(), d[ks, :ld_r].clone().requires_grad_()
-            qwl, dwl = qw[qs].clone().requires_grad_(), dw[ks, :ld_r].clone().requires_grad_()
-            s = torch.tensor(1.3, dtype=F64, requires_grad=True)
-            loss = xloss.late_interaction_loss(
-                ql, dl, qm[qs], dm[ks, :ld_r], logit_scale=s, labels=labels[qs] if cfg["labels"] else None,
-                q_weights=qwl if use_qw else None, d_weights=dwl if use_dw else None, group=group,
-                exchange="all_gather", **opts, **how)
-            g = _check_reduced(loss, ref, cfg["reduction"], grad, qs)
-            (loss * g).sum().backward()
-            (ref * (grad if cfg["reduction"] == "none" else g)).sum().backward()
-            _close(ql.grad, f * qr.grad[qs], f"{what}: grad q")
-            _close(dl.grad, f * dr.grad[ks, :ld_r], f"{what}: grad d")
-            if use_qw:
-                _close(qwl.grad, f * qwr.grad[qs], f"{what}: grad q_weights")
-            if use_dw:
-                _close(dwl.grad, f * dwr.grad[ks, :ld_r], f"{what}: grad d_weights")
-            _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
-    # a ring is not there for late interaction: a clear error, the same on every rank, before any collective
+    runs = [(split, cfg, "all_gather") for split in ("even", "uneven") for cfg in configs]
+    runs += [(split, cfg, "ring") for split in ("even", "uneven") for cfg in configs if cfg["direction"] == "q2d"]
+    for split, cfg, exchange in runs:
+        seed += 1
+        how = {} if seed % 2 else {"grad_reduction": "sum"}
+        f = world if seed % 2 else 1
+        what = f"late_interaction {exchange} {split} {cfg} {how}"
+        n, m = SIZES[world][split]
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(sum(n), lq, D, dtype=F64, generator=gen)
+        d = torch.randn(sum(m), ld, D, dtype=F64, generator=gen)
+        qm = torch.rand(sum(n), lq, generator=gen) > 0.2
+        dm = torch.rand(sum(m), ld, generator=gen) > 0.3
+        qm[:, 0] = dm[:, 0] = True
+        rank = dist.get_rank()
+        # uneven token counts: rank r's documents end r tokens early (masked out in the global batch)
+        ld_r = ld - (rank % 2 if split == "uneven" and cfg["mask_mode"] == "exclude" else 0)
+        cut = [ld - (r % 2 if split == "uneven" and cfg["mask_mode"] == "exclude" else 0) for r in range(world)]
+        for r in range(world):
+            dm[sum(m[:r]):sum(m[: r + 1]), cut[r]:] = False
+        qw = torch.rand(sum(n), lq, dtype=F64, generator=gen) + 0.5
+        dw = torch.rand(sum(m), ld, dtype=F64, generator=gen) + 0.5
+        labels = torch.randint(0, sum(m), (sum(n),), generator=gen)
+        grad = torch.rand(sum(n), dtype=F64, generator=gen) + 0.5
+        qs = slice(sum(n[:rank]), sum(n[: rank + 1]))
+        ks = slice(sum(m[:rank]), sum(m[: rank + 1]))
+        default = torch.cat([torch.arange(n[r]) + sum(m[:r]) for r in range(world)])
+        direction = cfg["direction"]
+        use_qw = cfg["weights"] and direction != "d2q"
+        use_dw = cfg["weights"] and direction != "q2d"
+        qr, dr = q.clone().requires_grad_(), d.clone().requires_grad_()
+        qwr, dwr = qw.clone().requires_grad_(), dw.clone().requires_grad_()
+        sr = torch.tensor(1.3, dtype=F64, requires_grad=True)
+        opts = {"direction": direction, "mask_mode": cfg["mask_mode"], "reduction": cfg["reduction"]}
+        ref = reference.late_interaction_loss(
+            qr, dr, qm, dm, logit_scale=sr, labels=labels if cfg["labels"] else default,
+            q_weights=qwr if use_qw else None, d_weights=dwr if use_dw else None, **opts)
+        ql, dl = q[qs].clone().requires_grad_(), d[ks, :ld_r].clone().requires_grad_()
+        qwl, dwl = qw[qs].clone().requires_grad_(), dw[ks, :ld_r].clone().requires_grad_()
+        s = torch.tensor(1.3, dtype=F64, requires_grad=True)
+        loss = xloss.late_interaction_loss(
+            ql, dl, qm[qs], dm[ks, :ld_r], logit_scale=s, labels=labels[qs] if cfg["labels"] else None,
+            q_weights=qwl if use_qw else None, d_weights=dwl if use_dw else None, group=group,
+            exchange=exchange, **opts, **how)
+        g = _check_reduced(loss, ref, cfg["reduction"], grad, qs)
+        (loss * g).sum().backward()
+        (ref * (grad if cfg["reduction"] == "none" else g)).sum().backward()
+        _close(ql.grad, f * qr.grad[qs], f"{what}: grad q")
+        _close(dl.grad, f * dr.grad[ks, :ld_r], f"{what}: grad d")
+        if use_qw:
+            _close(qwl.grad, f * qwr.grad[qs], f"{what}: grad q_weights")
+        if use_dw:
+            _close(dwl.grad, f * dwr.grad[ks, :ld_r], f"{what}: grad d_weights")
+        _close(_gather(s.grad.reshape(1)).sum() / f, sr.grad, f"{what}: Σ_ranks grad logit_scale")
+    # the ring runs q2d only: d2q / both give a clear error, the same on every rank, before any collective
     q, d = torch.randn(2, lq, D, dtype=F64), torch.randn(2, ld, D, dtype=F64)
-    try:
-        xloss.late_interaction_loss(q, d, logit_scale=1.0, group=group, exchange="ring")
-    except ValueError as exc:
-        assert "exchange='all_gather'" in str(exc), exc
-    else:
-        raise AssertionError("exchange='ring' must raise for late interaction")
+    for direction in ("d2q", "both"):
+        try:
+            xloss.late_interaction_loss(q, d, logit_scale=1.0, group=group, exchange="ring", direction=direction)
+        except ValueError as exc:
+            assert "exchange='all_gather'" in str(exc), exc
+        else:
+            raise AssertionError(f"exchange='ring' must raise for direction={direction!r}")
+    # forward only (no_grad): the ring's scores, nothing saved or sent back
+    gen = torch.Generator().manual_seed(7)
+    qa = torch.randn(2 * world, lq, D, dtype=F64, generator=gen)
+    da = torch.randn(2 * world, ld, D, dtype=F64, generator=gen)
+    rank = dist.get_rank()
+    with torch.no_grad():
+        loss = xloss.late_interaction_loss(qa[2 * rank: 2 * rank + 2], da[2 * rank: 2 * rank + 2], logit_scale=1.0,
+                                           group=group, exchange="ring")
+    _close(loss, reference.late_interaction_loss(qa, da, logit_scale=1.0), "late_interaction ring no_grad")
 
 
 def _check_triton(world):

@@ -13,7 +13,15 @@ Returned value and gradients follow ``xloss.distributed``: the global loss on ev
 rank's ``[n_r]`` terms); ``grad_reduction="mean"`` scales every gradient by the world size (DDP / FSDP average
 it back), ``"sum"`` gives the exact shares.  Labels are global document indices; default: local query i ↔
 global document ``offset_r + i``.  Memory: ``O(M·Ld·D)`` document tokens per rank (plus ``O(N·Lq·D)`` query
-tokens for ``"d2q"``/``"both"``); there is no ring exchange for late interaction yet.
+tokens for ``"d2q"``/``"both"``).
+
+``exchange="ring"`` (``"q2d"``, ColBERT's direction): the documents (tokens and mask in one message) travel
+the ring instead (:class:`RingMaxSim`), the next block in flight while this rank scores its queries against the
+current one; the backward sends them round again with an accumulator of their gradient that each rank adds
+its arg-max routing to (``xloss._comm.AccRing``), so each block's gradient arrives at its owner summed over
+ranks, as the all_gather's adjoint gives it.  Memory: two blocks of ``max m_r`` documents instead of all
+``M``, plus the ``[n_r, M, Lq]`` arg-max indices (as for all_gather).  ``"d2q"``/``"both"`` need every
+query against every document's column and take ``exchange="all_gather"``.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _comm
+from .._autograd import first_order_only
+from .._tiling import accumulation_dtype
+from ..reference.late_interaction import zero_padding
 
 
 def _padded(x, length: int, fill=0):
@@ -32,13 +43,107 @@ def _padded(x, length: int, fill=0):
     return torch.cat([x, pad], dim=1)
 
 
+class RingMaxSim(torch.autograd.Function):
+    """Query→document MaxSim of this rank's queries against every rank's documents, passed round the ring:
+    ``S [n_r, M]``, equal to ``MaxSimFunction(q, all_gather(d))`` with the all_gather's adjoint as the gradient
+    of d (each rank's routing summed, delivered to the owner).  Every rank runs forward and backward together.
+
+    Forward args: ``q [n_r, Lq, D]``, ``d [m_r, Ld, D]`` (Ld the same on every rank), ``q_w [n_r, Lq]`` (the
+    final token weights, accumulation dtype), ``q_valid``, ``d_valid`` (bool), ``comm`` (``xloss._comm
+    .GroupComm`` with its layout), ``options`` (:class:`~xloss.late_interaction.MaxSimOptions`, q2d only).
+    """
+
+    @staticmethod
+    def forward(ctx, q, d, q_w, q_valid, d_valid, comm, options):
+        from . import ops as _ops
+
+        o, lay = options, comm.layout
+        n, m, ld, dim = q.shape[0], d.shape[0], d.shape[1], d.shape[2]
+        packed = _pack(d, d_valid)
+        s = torch.empty(n, lay.M, dtype=q_w.dtype, device=q.device)
+        idx_all = val_all = None
+        need_val = o.need_aux and ctx.needs_input_grad[2]
+        for off, size, blk in _comm.KeyRing(comm, packed):
+            db, dv = _unpack(blk, ld, dim)
+            out = _ops.forward(q, db, q_w, None, q_valid, dv, o.zero_mode, True, False, o.engine, False, o.need_aux,
+                               o.q_masked, True)
+            s[:, off: off + size] = out[0]
+            if o.need_aux:
+                if idx_all is None:
+                    idx_all = q.new_empty((n, lay.M, q.shape[1]), dtype=out[2].dtype)
+                    val_all = q_w.new_empty((n, lay.M, q.shape[1])) if need_val else None
+                idx_all[:, off: off + size] = out[2]
+                if need_val:
+                    val_all[:, off: off + size] = out[3]
+        ctx.set_materialize_grads(False)
+        ctx.comm, ctx.options, ctx.shape = comm, o, (m, ld, dim)
+        if o.need_aux:
+            ctx.save_for_backward(q, d, q_w, q_valid, d_valid, idx_all, val_all)
+        return s
+
+    @staticmethod
+    @first_order_only("late_interaction_loss(exchange='ring')")
+    def backward(ctx, g):
+        from . import ops as _ops
+
+        q, d, q_w, q_valid, d_valid, idx_all, val_all = ctx.saved_tensors
+        comm, o = ctx.comm, ctx.options
+        m, ld, dim = ctx.shape
+        needs = (ctx.needs_input_grad[0], True, ctx.needs_input_grad[2], False)  # every rank passes d's part on
+        acc = q_w.dtype
+        if g is None:
+            g = q_w.new_zeros((q.shape[0], comm.layout.M))
+        qz = zero_padding(q, q_valid) if o.q_masked else q  # as MaxSimFunction: no 0·NaN in the products
+        dq = dq_w = None
+        ring = _comm.AccRing(comm, ld * dim, acc, q.device)
+        for off, size, blk in _comm.KeyRing(comm, _pack(d, d_valid)):
+            db, dv = _unpack(blk, ld, dim)
+            gq, gd, gqw, _ = _ops.backward(
+                g[:, off: off + size], None, qz, zero_padding(db, dv), q_w, None, q_valid, dv,
+                idx_all[:, off: off + size], None if val_all is None else val_all[:, off: off + size],
+                q.new_empty(0, dtype=idx_all.dtype), None, o.zero_mode, True, False, o.engine, False, needs)
+            ring.add_and_pass(gd.reshape(size, ld * dim).to(acc))
+            if gq is not None:
+                dq = gq.to(acc) if dq is None else dq.add_(gq)
+            if gqw is not None:
+                dq_w = gqw if dq_w is None else dq_w.add_(gqw)
+        dd = ring.finish()[:m].view(m, ld, dim).to(d.dtype)
+        return (None if dq is None else dq.to(q.dtype)), dd, dq_w, None, None, None, None
+
+
+def _pack(d, d_valid):
+    """One ring message per block of documents: ``[m, Ld·D + Ld]``, the tokens then the mask as 0/1."""
+    m = d.shape[0]
+    return torch.cat([d.reshape(m, -1), d_valid.to(d.dtype)], dim=1).contiguous()
+
+
+def _unpack(blk, ld: int, dim: int):
+    return blk[:, : ld * dim].view(-1, ld, dim), blk[:, ld * dim:] != 0
+
+
+def _ring_q2d(comm, q, d, q_valid, d_valid, q_weights, token_reduction, mask_mode, engine, need_grad):
+    """``S^{q2d} [n_r, M]`` through :class:`RingMaxSim`; with ``need_grad`` (the same on every rank) d enters
+    as a leaf that needs a gradient on every rank, so that every rank runs the backward's ring."""
+    from ..reference.late_interaction import token_weights
+    from . import MaxSimOptions
+
+    q_w = token_weights(q_valid, q_weights, token_reduction, accumulation_dtype(q.dtype))
+    options = MaxSimOptions(mask_mode == "zero", True, False, engine, False, 1, need_grad, True, True)
+    if need_grad and not d.requires_grad:
+        d = d.detach().requires_grad_()
+    return RingMaxSim.apply(q, d, q_w, q_valid, d_valid, comm, options)
+
+
 def loss_across_ranks(q, d, q_mask, d_mask, q_weights, d_weights, *, scale, labels, direction, mask_mode,
                       token_reduction, label_smoothing, reduction, engine, group, exchange, grad_reduction):
     from . import _directional
 
-    if exchange != "all_gather":
+    if exchange not in ("all_gather", "ring"):
         raise ValueError(f"late_interaction_loss across ranks exchanges the documents with exchange='all_gather' "
-                         f"(there is no ring for late interaction yet), got exchange={exchange!r}")
+                         f"or 'ring', got exchange={exchange!r}")
+    if exchange == "ring" and direction != "q2d":
+        raise ValueError(f"exchange='ring' runs direction='q2d' (each rank's queries against the documents passed "
+                         f"round); direction={direction!r} needs every query's column: use exchange='all_gather'")
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, d, q_weights, d_weights, scale))
     # One metadata exchange (sizes, D, dtype, device, scale, label range: the same error on every rank), on a
@@ -54,16 +159,22 @@ def loss_across_ranks(q, d, q_mask, d_mask, q_weights, d_weights, *, scale, labe
     d, d_valid, d_weights = _padded(d, ld), _padded(d_valid, ld, False), _padded(d_weights, ld)
     q2d, d2q = direction in ("q2d", "both"), direction in ("d2q", "both")
 
-    d_all = _comm.gather_rows(comm, d, lay.m, need_grad)
-    d_valid_all = _comm.gather_rows(comm, d_valid, lay.m)
-    d_weights_all = _comm.gather_rows(comm, d_weights, lay.m, need_grad) if d2q else None
     labels = comm.default_labels(q.shape[0], q.device) if labels is None else labels.long()
     acc_scale = scale
+    if exchange == "ring":
+        d_all = d_valid_all = d_weights_all = None
+    else:
+        d_all = _comm.gather_rows(comm, d, lay.m, need_grad)
+        d_valid_all = _comm.gather_rows(comm, d_valid, lay.m)
+        d_weights_all = _comm.gather_rows(comm, d_weights, lay.m, need_grad) if d2q else None
 
     rows = cols = None
-    if q2d:
+    if q2d and exchange == "ring":
+        s_q2d = _ring_q2d(comm, q, d, q_valid, d_valid, q_weights, token_reduction, mask_mode, engine, need_grad)
+    elif q2d:
         s_q2d, _ = _directional(q, d_all, q_valid, d_valid_all, token_reduction, mask_mode, q_weights, None, "q2d",
                                 engine, pairs=False)
+    if q2d:
         z = s_q2d * (acc_scale if acc_scale.requires_grad else acc_scale.to(s_q2d.dtype))
         rows = F.cross_entropy(z, labels, label_smoothing=label_smoothing, reduction="none")
     if d2q:
