@@ -221,3 +221,34 @@ def test_measure_records_the_inputs_gradient_bytes():
                                                                            requires_grad=True),
               "mask": torch.ones(3, dtype=torch.bool), "n": 7}
     assert _grad_bytes(inputs) == 3 * 4 * 4 + 5 * 8
+
+
+def test_rounds_pool_the_runs_of_each_implementation():
+    from xloss.bench.runner import merge_rounds
+
+    a = {"status": "ok", "times_s": [1.0, 3.0], "median_s": 2.0, "peak_bytes": 10, "backend": "dense"}
+    b = {"status": "ok", "times_s": [5.0, 6.0], "median_s": 5.5, "peak_bytes": 30, "backend": "dense"}
+    merged = merge_rounds([a, b])
+    assert merged["times_s"] == [1.0, 3.0, 5.0, 6.0] and merged["median_s"] == 4.0 and merged["peak_bytes"] == 30
+    assert merge_rounds([a]) is a
+    bad = {"status": "oom (RuntimeError)"}
+    assert merge_rounds([a, bad]) is bad
+    assert bench.PRESETS["small"]["cpu"].rounds == 3
+
+
+def test_rounds_alternate_the_workers(monkeypatch, tmp_path):
+    from xloss.bench import runner
+
+    calls = []
+
+    def fake_run_impl(family, impl, shape, cfg, probed_free):
+        calls.append(impl.name)
+        return {"status": "ok", "times_s": [0.001], "median_s": 0.001, "peak_bytes": 0, "backend": "x"}
+
+    monkeypatch.setattr(runner, "run_impl", fake_run_impl)
+    cfg = runner.Config(families=["info_nce"], shapes=[(8, 8, 4)], dtype="float32", device="cpu", runs=1,
+                        baselines=("naive",), preset="test", out=tmp_path, plot=False, mem_limit_bytes=None,
+                        timeout_s=None, rounds=3)
+    rows = runner.run_family(bench.FAMILIES["info_nce"], cfg, {}, None)
+    assert calls == ["xloss", "naive"] * 3
+    assert len(rows) == 1 and rows[0]["rounds"] == 3 and rows[0]["time_ratio"] == 1.0

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], default=None,
                    help="input dtype (default: the preset's)")
     p.add_argument("--runs", type=int, default=None, help="timed runs after one warm-up (default: 3)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="measure xloss and the baselines in turn this many times, runs pooled (default: the "
+                        "preset's, 1 for most)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: the preset's device, else cuda when available, else cpu")
     p.add_argument("--baselines", default=None,
@@ -87,6 +90,9 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
     runs = preset.runs if args.runs is None else args.runs
     if runs < 1:
         parser.error("--runs must be at least 1")
+    rounds = preset.rounds if args.rounds is None else args.rounds
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
     baselines = tuple(args.baselines.split(",")) if args.baselines else preset.baselines
     if family or args.family != "all":
         families = [family or args.family]
@@ -104,6 +110,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
         baselines=baselines, preset=preset_name, out=args.out, plot=not args.no_plot,
         mem_limit_bytes=None if args.mem_limit_gib is None else int(args.mem_limit_gib * GIB),
         timeout_s=args.timeout, threads=args.threads, family_shapes=family_shapes, min_run_s=preset.min_run_s,
+        rounds=rounds,
     )
 
 
@@ -156,7 +163,8 @@ def main(argv: Sequence[str] | None = None, *, family: str | None = None) -> int
     cfg.out.mkdir(parents=True, exist_ok=True)
     print(f"xloss {context['xloss_version']} ({context['xloss_commit'] or 'no git'}), torch "
           f"{context['torch_version']}, triton {context['triton_version'] or '-'} | {cfg.device}: "
-          f"{context['device_name']} | {cfg.dtype}, {cfg.runs} timed runs after 1 warm-up, preset {cfg.preset}")
+          f"{context['device_name']} | {cfg.dtype}, {cfg.runs} timed runs after 1 warm-up"
+          f"{f' x {cfg.rounds} alternating rounds' if cfg.rounds > 1 else ''}, preset {cfg.preset}")
     all_rows = []
     for name in cfg.families:
         rows = run_family(FAMILIES[name], cfg, context, probe.get("free_bytes"))

@@ -25,6 +25,10 @@ class Preset:
     # Small problems: each timed run repeats the step until it lasts this long and reports the time per step
     # (a single sub-millisecond step is below the timer's and the scheduler's noise).  0: one step per run.
     min_run_s: float = 0.0
+    # Rounds per case: xloss and each baseline measured in turn, ``rounds`` times (ABAB...), their timed runs
+    # pooled.  The host's speed drifts by tens of percent over seconds on shared machines: alternating puts
+    # both sides in the same periods, so the ratio of small, fast cases is not one process's luck.
+    rounds: int = 1
 
 
 def _square(sizes: Sequence[int], d: int) -> tuple[Shape, ...]:
@@ -110,7 +114,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
     # Symile M = 3 "n_squared".  Each timed run repeats the step for >= 0.2 s (time per step reported).
     "small": {
         device: Preset(
-            _square((8, 32, 128, 256, 512), 64), dtype, runs=5, min_run_s=0.2,
+            _square((8, 32, 128, 256, 512), 64), dtype, runs=5, min_run_s=0.2, rounds=3,
             families=("info_nce", "sigmoid", "distill", "cwcl", "late_interaction_small", "gram", "symile"),
             family_shapes={"late_interaction_small": _square((8, 16, 32, 64), 64),
                            "gram": _square((8, 64, 128, 256), 64), "symile": _square((8, 64, 128), 64)},

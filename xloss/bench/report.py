@@ -23,7 +23,7 @@ CSV_COLUMNS = [
     "xloss_peak_bytes", "baseline_peak_bytes", "baseline_peak_estimate_bytes", "mem_ratio", "xloss_tflops",
     "xloss_times_s", "baseline_times_s", "status", "xloss_status", "baseline_status", "torch_version",
     "triton_version", "xloss_version", "xloss_commit", "python_version", "date", "preset",
-    "xloss_calls_per_run", "baseline_calls_per_run", "input_grad_bytes", "workspace_ratio",
+    "xloss_calls_per_run", "baseline_calls_per_run", "input_grad_bytes", "workspace_ratio", "rounds",
 ]
 
 
@@ -62,7 +62,7 @@ def make_row(family: Family, shape: Shape, baseline: str, xl: dict, base: dict, 
         "status": "ok" if both_ok else "; ".join(bad),
         "xloss_status": xl["status"], "baseline_status": base["status"], "preset": cfg.preset,
         "xloss_calls_per_run": xl.get("calls_per_run"), "baseline_calls_per_run": base.get("calls_per_run"),
-        "input_grad_bytes": xl.get("grad_bytes"),
+        "input_grad_bytes": xl.get("grad_bytes"), "rounds": cfg.rounds,
         "workspace_ratio": _workspace_ratio(xl, base) if both_ok else None,
         **context,
     }

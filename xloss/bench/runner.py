@@ -8,6 +8,7 @@ a worker that runs out of memory anyway is reported as ``oom``.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class Config:
     timeout_s: float | None
     threads: int | None = None
     min_run_s: float = 0.0
+    rounds: int = 1
     family_shapes: dict[str, list[Shape]] = field(default_factory=dict)
 
 
@@ -86,16 +88,35 @@ def _progress(items: list, desc: str):
     return tqdm(items, desc=desc, unit="case", file=sys.stderr)
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One implementation's results of several rounds as one: the timed runs pooled (median over all), the
+    largest peak; the first failure's result if a round did not run."""
+    bad = [r for r in results if r.get("status") != "ok"]
+    if bad or len(results) == 1:
+        return bad[0] if bad else results[0]
+    merged = dict(results[0])
+    merged["times_s"] = [t for r in results for t in r["times_s"]]
+    merged["median_s"] = statistics.median(merged["times_s"])
+    peaks = [r["peak_bytes"] for r in results if r.get("peak_bytes") is not None]
+    merged["peak_bytes"] = max(peaks) if peaks else None
+    return merged
+
+
 def run_family(family: Family, cfg: Config, context: dict, probed_free: int | None) -> list[dict]:
-    """Measure every shape of one family: xloss once per shape, then each baseline; one row per baseline."""
+    """Measure every shape of one family: xloss, then each baseline, ``cfg.rounds`` times in turn (each in a
+    fresh worker); one row per baseline."""
     rows = []
     shapes = cfg.family_shapes.get(family.name, cfg.shapes)
     bar = _progress([(family.name, s) for s in shapes], desc=f"{family.name} on {cfg.device}")
     for _, shape in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"N={shape[0]} M={shape[1]} D={shape[2]}")
-        xl = run_impl(family, family.xloss, shape, cfg, probed_free)
-        for baseline in cfg.baselines:
-            base = run_impl(family, family.impl(baseline), shape, cfg, probed_free)
-            rows.append(make_row(family, shape, baseline, xl, base, cfg, context))
+        impls = [family.xloss, *(family.impl(b) for b in cfg.baselines)]
+        results: list[list[dict]] = [[] for _ in impls]
+        for _ in range(max(1, cfg.rounds)):
+            for impl, got in zip(impls, results):
+                got.append(run_impl(family, impl, shape, cfg, probed_free))
+        xl = merge_rounds(results[0])
+        for baseline, got in zip(cfg.baselines, results[1:]):
+            rows.append(make_row(family, shape, baseline, xl, merge_rounds(got), cfg, context))
     return rows
