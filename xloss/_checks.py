@@ -7,6 +7,7 @@ that names the argument and, where it helps, the shapes involved.  Value checks 
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -123,12 +124,28 @@ def resolve_scale(logit_scale, temperature, device: torch.device, prefix: str = 
         raise ValueError(f"give either {scale_name} or {temp_name}, not both ({temp_name}=t means "
                          f"{scale_name}=1/t)")
     if temperature is not None:
+        if _is_number(temperature) and not torch.compiler.is_compiling():  # checked here, no tensor op
+            if not float(temperature) > 0:
+                raise ValueError(f"{temp_name} must be positive, got {temperature}")
+            return _constant(1.0 / float(temperature), device)
         t = _scalar(temp_name, temperature, device)
         _value_check(t > 0, f"{temp_name} must be positive, got {_shown(temperature, t)}")
         return 1.0 / t
     if logit_scale is not None:
         return _scalar(scale_name, logit_scale, device)
-    return torch.ones((), dtype=torch.float64, device=device)
+    return _scalar(scale_name, 1.0, device)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(value: float, device: torch.device) -> torch.Tensor:
+    """The 0-dim float64 tensor of a Python number, made once per (value, device) and shared: a scale given as
+    a float costs no tensor creation per call (a fixed cost that matters for small batches).  Nothing writes
+    to it (no in-place op on a scale anywhere), and it needs no gradient."""
+    return torch.tensor(value, dtype=torch.float64, device=device)
 
 
 def _shown(value, t: torch.Tensor):
@@ -152,7 +169,9 @@ def _scalar(name: str, value, device: torch.device) -> torch.Tensor:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
     # float64 so that a Python float loses nothing with float64 inputs; it is cast to the compute dtype later.
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
+    if torch.compiler.is_compiling():  # a fresh constant in the traced graph
+        return torch.tensor(float(value), dtype=torch.float64, device=device)
+    return _constant(float(value), device)
 
 
 def check_reduction(reduction) -> None:
@@ -161,6 +180,8 @@ def check_reduction(reduction) -> None:
 
 
 def check_label_smoothing(label_smoothing) -> None:
+    if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:  # the common case, without the ABC check
+        return
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:

@@ -12,6 +12,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def in_accumulation_dtype(t: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (a dense path's result) in the accumulation dtype of ``input_dtype``; no call when it already is
+    (the common case: a per-call cost that small batches notice)."""
+    acc = accumulation_dtype(input_dtype)
+    return t if t.dtype == acc else t.to(acc)
+
+
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """``t`` in its accumulation dtype, contiguous (no copy when it already is)."""
     return t.to(accumulation_dtype(t.dtype)).contiguous()

@@ -24,7 +24,7 @@ import torch
 from .. import _checks, _comm, _dispatch
 from .. import reference as _reference
 from .._autograd import first_order_only
-from .._tiling import accumulation_dtype
+from .._tiling import accumulation_dtype, in_accumulation_dtype
 from . import chunked as _chunked
 from . import matryoshka as _matryoshka
 from . import sweeps
@@ -327,14 +327,14 @@ def info_nce(
         _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
     if name in ("reference", "dense"):
         q, k = _dispatch.dense_inputs(name, query, key)
-        return _reference.info_nce(
+        return in_accumulation_dtype(_reference.info_nce(
             q, k, logit_scale=scale, labels=None if labels is None else labels.long(), symmetric=symmetric,
             label_smoothing=label_smoothing, reduction=reduction, query_groups=query_groups,
             key_groups=key_groups, exclude_self=exclude_self, false_negative_margin=false_negative_margin,
             decoupled=decoupled, hardness=hardness, matryoshka_dims=None if prefixes is None else prefixes.dims,
             matryoshka_weights=None if prefixes is None else prefixes.weights,
             matryoshka_normalize=matryoshka_normalize,
-        ).to(accumulation_dtype(query.dtype))
+        ), query.dtype)
     if prefixes is not None:
         if labels is None:
             labels = comm.default_labels(n, query.device)

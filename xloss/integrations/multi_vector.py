@@ -27,12 +27,9 @@ import torch
 from ..late_interaction import maxsim
 from ..late_interaction.grouped import maxsim_grouped
 from ..xtr import xtr_scores as _xtr_scores
+from .pylate import _tensor  # array-likes as tensors (the same rule for both scorer sets)
 
 EMPTY_DOCUMENT_SCORE = -1e9  # sentence-transformers' score of a document with no valid token
-
-
-def _tensor(x):
-    return x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
 
 def _zero_rows(x: torch.Tensor) -> torch.Tensor:

@@ -66,18 +66,26 @@ class MaxSimFunction(torch.autograd.Function):
     Forward args: ``q [Nq, Lq, D]``, ``d [Nd, Ld, D]``, ``q_w [Nq, Lq]``, ``d_w [Nd, Ld]`` or None (final
     per-token weights in the accumulation dtype), ``q_valid``, ``d_valid`` (bool), ``options``
     (:class:`MaxSimOptions`; ``need_aux`` False under ``no_grad`` or without inputs requiring grad: nothing is
-    saved, no indices are searched).
+    saved, no indices are searched), ``comm`` (None; or an ``xloss._comm.GroupComm``: this rank's queries
+    against every rank's documents passed round the ring, q2d, ``S [n_r, M]``: ``ranks.ring_forward``).
     """
 
     @staticmethod
-    def forward(ctx, q, d, q_w, d_w, q_valid, d_valid, options: MaxSimOptions):
+    def forward(ctx, q, d, q_w, d_w, q_valid, d_valid, options: MaxSimOptions, comm=None):
         o = options
+        ctx.set_materialize_grads(False)
+        ctx.options = o
+        if comm is not None:  # across ranks, the documents passed round the ring (q2d): ranks.ring_forward
+            from .ranks import ring_forward
+
+            s = ring_forward(ctx, q, d, q_w, q_valid, d_valid, comm, o)
+            empty = s.new_empty(0)
+            ctx.mark_non_differentiable(empty)
+            return s, empty
         s_q2d, s_d2q, idx_q2d, val_q2d, idx_d2q, val_d2q = _ops.forward(
             q, d, q_w, d_w, q_valid, d_valid, o.zero_mode, o.q2d, o.d2q, o.engine, o.pairs, o.need_aux,
             o.q_masked, o.d_masked, o.group,
         )
-        ctx.set_materialize_grads(False)
-        ctx.options = o
         if o.need_aux:
             # The max values are needed only for the weights' gradients.
             val_q2d = val_q2d if (o.q2d and ctx.needs_input_grad[2]) else None
@@ -89,8 +97,13 @@ class MaxSimFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only("maxsim / late_interaction_loss")
     def backward(ctx, g_q2d, g_d2q):
-        q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q, val_d2q = ctx.saved_tensors
         o = ctx.options
+        if getattr(ctx, "comm", None) is not None:
+            from .ranks import ring_backward
+
+            dq, dd, dq_w = ring_backward(ctx, g_q2d)
+            return dq, dd, dq_w, None, None, None, None, None
+        q, d, q_w, d_w, q_valid, d_valid, idx_q2d, val_q2d, idx_d2q, val_d2q = ctx.saved_tensors
         # The padding contract: the routing's products (a sparse matrix times the token rows) would carry
         # 0·NaN from masked-out embeddings into valid tokens' gradients, so they are zeros here.  Only here:
         # no forward reads them into a result, and nothing is copied before a backward needs it.
@@ -100,7 +113,7 @@ class MaxSimFunction(torch.autograd.Function):
         grads = _ops.backward(g_q2d if o.q2d else None, g_d2q if o.d2q else None, q, d, q_w, d_w, q_valid, d_valid,
                               idx_q2d, val_q2d, idx_d2q, val_d2q, o.zero_mode, o.q2d, o.d2q, o.engine, o.pairs,
                               ctx.needs_input_grad[:4], o.group)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _token_mask(name: str, mask, x: torch.Tensor, of: str):

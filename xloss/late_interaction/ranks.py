@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _comm
-from .._autograd import first_order_only
 from .._tiling import accumulation_dtype
 from ..reference.late_interaction import zero_padding
 
@@ -43,72 +42,69 @@ def _padded(x, length: int, fill=0):
     return torch.cat([x, pad], dim=1)
 
 
-class RingMaxSim(torch.autograd.Function):
+def ring_forward(ctx, q, d, q_w, q_valid, d_valid, comm, options):
     """Query→document MaxSim of this rank's queries against every rank's documents, passed round the ring:
-    ``S [n_r, M]``, equal to ``MaxSimFunction(q, all_gather(d))`` with the all_gather's adjoint as the gradient
-    of d (each rank's routing summed, delivered to the owner).  Every rank runs forward and backward together.
+    ``S [n_r, M]``, the forward of :class:`~xloss.late_interaction.MaxSimFunction` given a ``comm`` (the same
+    scores as ``MaxSimFunction(q, all_gather(d))``).  Every rank runs forward and backward together.
 
-    Forward args: ``q [n_r, Lq, D]``, ``d [m_r, Ld, D]`` (Ld the same on every rank), ``q_w [n_r, Lq]`` (the
-    final token weights, accumulation dtype), ``q_valid``, ``d_valid`` (bool), ``comm`` (``xloss._comm
-    .GroupComm`` with its layout), ``options`` (:class:`~xloss.late_interaction.MaxSimOptions`, q2d only).
+    ``q [n_r, Lq, D]``, ``d [m_r, Ld, D]`` (Ld the same on every rank), ``q_w [n_r, Lq]`` (final token weights,
+    accumulation dtype), ``q_valid``, ``d_valid`` (bool), ``comm`` (``xloss._comm.GroupComm`` with its layout),
+    ``options`` (``MaxSimOptions``, q2d only).
     """
+    from . import ops as _ops
 
-    @staticmethod
-    def forward(ctx, q, d, q_w, q_valid, d_valid, comm, options):
-        from . import ops as _ops
-
-        o, lay = options, comm.layout
-        n, m, ld, dim = q.shape[0], d.shape[0], d.shape[1], d.shape[2]
-        packed = _pack(d, d_valid)
-        s = torch.empty(n, lay.M, dtype=q_w.dtype, device=q.device)
-        idx_all = val_all = None
-        need_val = o.need_aux and ctx.needs_input_grad[2]
-        for off, size, blk in _comm.KeyRing(comm, packed):
-            db, dv = _unpack(blk, ld, dim)
-            out = _ops.forward(q, db, q_w, None, q_valid, dv, o.zero_mode, True, False, o.engine, False, o.need_aux,
-                               o.q_masked, True)
-            s[:, off: off + size] = out[0]
-            if o.need_aux:
-                if idx_all is None:
-                    idx_all = q.new_empty((n, lay.M, q.shape[1]), dtype=out[2].dtype)
-                    val_all = q_w.new_empty((n, lay.M, q.shape[1])) if need_val else None
-                idx_all[:, off: off + size] = out[2]
-                if need_val:
-                    val_all[:, off: off + size] = out[3]
-        ctx.set_materialize_grads(False)
-        ctx.comm, ctx.options, ctx.shape = comm, o, (m, ld, dim)
+    o, lay = options, comm.layout
+    n, m, ld, dim = q.shape[0], d.shape[0], d.shape[1], d.shape[2]
+    s = torch.empty(n, lay.M, dtype=q_w.dtype, device=q.device)
+    idx_all = val_all = None
+    need_val = o.need_aux and ctx.needs_input_grad[2]
+    for off, size, blk in _comm.KeyRing(comm, _pack(d, d_valid)):
+        db, dv = _unpack(blk, ld, dim)
+        out = _ops.forward(q, db, q_w, None, q_valid, dv, o.zero_mode, True, False, o.engine, False, o.need_aux,
+                           o.q_masked, True)
+        s[:, off: off + size] = out[0]
         if o.need_aux:
-            ctx.save_for_backward(q, d, q_w, q_valid, d_valid, idx_all, val_all)
-        return s
+            if idx_all is None:
+                idx_all = q.new_empty((n, lay.M, q.shape[1]), dtype=out[2].dtype)
+                val_all = q_w.new_empty((n, lay.M, q.shape[1])) if need_val else None
+            idx_all[:, off: off + size] = out[2]
+            if need_val:
+                val_all[:, off: off + size] = out[3]
+    ctx.comm, ctx.shape = comm, (m, ld, dim)
+    if o.need_aux:
+        ctx.save_for_backward(q, d, q_w, q_valid, d_valid, idx_all, val_all)
+    return s
 
-    @staticmethod
-    @first_order_only("late_interaction_loss(exchange='ring')")
-    def backward(ctx, g):
-        from . import ops as _ops
 
-        q, d, q_w, q_valid, d_valid, idx_all, val_all = ctx.saved_tensors
-        comm, o = ctx.comm, ctx.options
-        m, ld, dim = ctx.shape
-        needs = (ctx.needs_input_grad[0], True, ctx.needs_input_grad[2], False)  # every rank passes d's part on
-        acc = q_w.dtype
-        if g is None:
-            g = q_w.new_zeros((q.shape[0], comm.layout.M))
-        qz = zero_padding(q, q_valid) if o.q_masked else q  # as MaxSimFunction: no 0·NaN in the products
-        dq = dq_w = None
-        ring = _comm.AccRing(comm, ld * dim, acc, q.device)
-        for off, size, blk in _comm.KeyRing(comm, _pack(d, d_valid)):
-            db, dv = _unpack(blk, ld, dim)
-            gq, gd, gqw, _ = _ops.backward(
-                g[:, off: off + size], None, qz, zero_padding(db, dv), q_w, None, q_valid, dv,
-                idx_all[:, off: off + size], None if val_all is None else val_all[:, off: off + size],
-                q.new_empty(0, dtype=idx_all.dtype), None, o.zero_mode, True, False, o.engine, False, needs)
-            ring.add_and_pass(gd.reshape(size, ld * dim).to(acc))
-            if gq is not None:
-                dq = gq.to(acc) if dq is None else dq.add_(gq)
-            if gqw is not None:
-                dq_w = gqw if dq_w is None else dq_w.add_(gqw)
-        dd = ring.finish()[:m].view(m, ld, dim).to(d.dtype)
-        return (None if dq is None else dq.to(q.dtype)), dd, dq_w, None, None, None, None
+def ring_backward(ctx, g):
+    """Gradients ``(dq, dd, dq_w)`` of :func:`ring_forward`: the documents go round again with an accumulator
+    of their gradient (``xloss._comm.AccRing``) that each rank adds its arg-max routing to, so each block's
+    gradient arrives at its owner summed over ranks (the all_gather's adjoint)."""
+    from . import ops as _ops
+
+    q, d, q_w, q_valid, d_valid, idx_all, val_all = ctx.saved_tensors
+    comm, o = ctx.comm, ctx.options
+    m, ld, dim = ctx.shape
+    needs = (ctx.needs_input_grad[0], True, ctx.needs_input_grad[2], False)  # every rank passes d's part on
+    acc = q_w.dtype
+    if g is None:
+        g = q_w.new_zeros((q.shape[0], comm.layout.M))
+    qz = zero_padding(q, q_valid) if o.q_masked else q  # as for one process: no 0·NaN in the products
+    dq = dq_w = None
+    ring = _comm.AccRing(comm, ld * dim, acc, q.device)
+    for off, size, blk in _comm.KeyRing(comm, _pack(d, d_valid)):
+        db, dv = _unpack(blk, ld, dim)
+        gq, gd, gqw, _ = _ops.backward(
+            g[:, off: off + size], None, qz, zero_padding(db, dv), q_w, None, q_valid, dv,
+            idx_all[:, off: off + size], None if val_all is None else val_all[:, off: off + size],
+            q.new_empty(0, dtype=idx_all.dtype), None, o.zero_mode, True, False, o.engine, False, needs)
+        ring.add_and_pass(gd.reshape(size, ld * dim).to(acc))
+        if gq is not None:
+            dq = gq.to(acc) if dq is None else dq.add_(gq)
+        if gqw is not None:
+            dq_w = gqw if dq_w is None else dq_w.add_(gqw)
+    dd = ring.finish()[:m].view(m, ld, dim).to(d.dtype)
+    return (None if dq is None else dq.to(q.dtype)), dd, dq_w
 
 
 def _pack(d, d_valid):
@@ -122,16 +118,16 @@ def _unpack(blk, ld: int, dim: int):
 
 
 def _ring_q2d(comm, q, d, q_valid, d_valid, q_weights, token_reduction, mask_mode, engine, need_grad):
-    """``S^{q2d} [n_r, M]`` through :class:`RingMaxSim`; with ``need_grad`` (the same on every rank) d enters
+    """``S^{q2d} [n_r, M]`` through ``MaxSimFunction`` with the ring (:func:`ring_forward`); with ``need_grad`` (the same on every rank) d enters
     as a leaf that needs a gradient on every rank, so that every rank runs the backward's ring."""
     from ..reference.late_interaction import token_weights
-    from . import MaxSimOptions
+    from . import MaxSimFunction, MaxSimOptions
 
     q_w = token_weights(q_valid, q_weights, token_reduction, accumulation_dtype(q.dtype))
     options = MaxSimOptions(mask_mode == "zero", True, False, engine, False, 1, need_grad, True, True)
     if need_grad and not d.requires_grad:
         d = d.detach().requires_grad_()
-    return RingMaxSim.apply(q, d, q_w, q_valid, d_valid, comm, options)
+    return MaxSimFunction.apply(q, d, q_w, None, q_valid, d_valid, options, comm)[0]
 
 
 def loss_across_ranks(q, d, q_mask, d_mask, q_weights, d_weights, *, scale, labels, direction, mask_mode,

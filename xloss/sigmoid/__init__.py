@@ -34,7 +34,7 @@ import torch
 from .. import _checks, _comm, _dispatch
 from .. import reference as _reference
 from .._autograd import first_order_only
-from .._tiling import accumulation_dtype
+from .._tiling import accumulation_dtype, in_accumulation_dtype
 from . import sweeps
 
 
@@ -188,9 +188,9 @@ def sigmoid_loss(
         _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
     if name in ("reference", "dense"):
         q, k = _dispatch.dense_inputs(name, query, key)
-        return _reference.sigmoid_loss(q, k, logit_scale=scale, logit_bias=bias, labels=labels,
+        return in_accumulation_dtype(_reference.sigmoid_loss(q, k, logit_scale=scale, logit_bias=bias, labels=labels,
                                        query_groups=query_groups, key_groups=key_groups, reduction=reduction
-                                       ).to(accumulation_dtype(query.dtype))
+                                       ), query.dtype)
     if groups:  # one id dtype on every rank: the key ids are gathered
         query_groups, key_groups = query_groups.long(), key_groups.long()
     elif labels is None:

@@ -25,7 +25,7 @@ import torch
 from .. import _checks, _comm, _dispatch
 from .. import reference as _reference
 from .._autograd import first_order_only
-from .._tiling import accumulation_dtype
+from .._tiling import accumulation_dtype, in_accumulation_dtype
 from ..infonce import sweeps as _infonce_sweeps
 from ..reference import soft_targets as _reference_soft
 from . import sweeps
@@ -287,10 +287,10 @@ def distill_loss(
     comm, _ = _comm.make(group, exchange, grad_reduction, query, key, None, [scale], need_grad, name, groups=True)
     _check_paired(comm, n, m, symmetric and reduction == "none", "reduction='none' with symmetric=True")
     if name in ("reference", "dense"):
-        return _reference.distill_loss(*_dispatch.dense_inputs(name, query, key, teacher_query, teacher_key),
+        return in_accumulation_dtype(_reference.distill_loss(*_dispatch.dense_inputs(name, query, key, teacher_query, teacher_key),
                                        logit_scale=scale,
                                        teacher_logit_scale=tscale, symmetric=symmetric, reduction=reduction
-                                       ).to(accumulation_dtype(query.dtype))
+                                       ), query.dtype)
     options = SoftTargetOptions("teacher", symmetric, reduction, name)
     return SoftTargetFunction.apply(query, key, scale, teacher_query.detach(), teacher_key.detach(), tscale.detach(),
                                     options, comm)
@@ -345,8 +345,8 @@ def cwcl_loss(
     _check_paired(comm, n, m, True, "cwcl_loss")
     if name in ("reference", "dense"):
         q, k, u, v = _dispatch.dense_inputs(name, query, key, u, v)
-        return _reference_soft.cwcl_loss(q, k, logit_scale=scale, query_targets=u, key_targets=v,
-                                         symmetric=symmetric, reduction=reduction).to(accumulation_dtype(query.dtype))
+        return in_accumulation_dtype(_reference_soft.cwcl_loss(q, k, logit_scale=scale, query_targets=u, key_targets=v,
+                                         symmetric=symmetric, reduction=reduction), query.dtype)
     options = SoftTargetOptions("cwcl", symmetric, reduction, name)
     return SoftTargetFunction.apply(query, key, scale, u.detach(), None if v is None else v.detach(),
                                     scale.new_ones(()), options, comm)
