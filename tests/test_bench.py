@@ -233,7 +233,7 @@ def test_rounds_pool_the_runs_of_each_implementation():
     assert merge_rounds([a]) is a
     bad = {"status": "oom (RuntimeError)"}
     assert merge_rounds([a, bad]) is bad
-    assert bench.PRESETS["small"]["cpu"].rounds == 3
+    assert bench.PRESETS["small"]["cpu"].rounds == 5
 
 
 def test_rounds_alternate_the_workers(monkeypatch, tmp_path):

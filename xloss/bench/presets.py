@@ -114,7 +114,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
     # Symile M = 3 "n_squared".  Each timed run repeats the step for >= 0.2 s (time per step reported).
     "small": {
         device: Preset(
-            _square((8, 32, 128, 256, 512), 64), dtype, runs=5, min_run_s=0.2, rounds=3,
+            _square((8, 32, 128, 256, 512), 64), dtype, runs=5, min_run_s=0.2, rounds=5,
             families=("info_nce", "sigmoid", "distill", "cwcl", "late_interaction_small", "gram", "symile"),
             family_shapes={"late_interaction_small": _square((8, 16, 32, 64), 64),
                            "gram": _square((8, 64, 128, 256), 64), "symile": _square((8, 64, 128), 64)},
