@@ -141,6 +141,17 @@ INFO_NCE_KINDS = {  # the options each kind draws from (test 2 splits InfoNCE by
 }
 
 
+def _draw_targets(d: Draw, t: dict, targets: str, n: int, m: int) -> tuple:
+    """Labels or group ids into ``t`` for a two-tower case; the names of the integer inputs added."""
+    if targets == "labels":
+        t["labels"] = d.ints(m, n)
+        return ("labels",)
+    if targets == "groups":
+        t["query_groups"], t["key_groups"] = d.ints(3, n), d.ints(3, m)
+        return ("query_groups", "key_groups")
+    return ()
+
+
 def _info_nce(d: Draw, labelled=False, kind: str | None = None) -> Case:
     """``kind``: None draws any option; "plain", "hardness or smoothing" and "structured" (groups,
     ``exclude_self``, the false-negative margin, DCL) draw from their part of the options only."""
@@ -155,13 +166,7 @@ def _info_nce(d: Draw, labelled=False, kind: str | None = None) -> Case:
     t = {"query": d.unit(n, dim), "key": d.unit(m, dim)}
     diff = ["query", "key"]
     kw = d.scale(t, diff)
-    labels = ()
-    if targets == "labels":
-        t["labels"] = d.ints(m, n)
-        labels = ("labels",)
-    elif targets == "groups":
-        t["query_groups"], t["key_groups"] = d.ints(3, n), d.ints(3, m)
-        labels = ("query_groups", "key_groups")
+    labels = _draw_targets(d, t, targets, n, m)
     options = INFO_NCE_KINDS[kind]
     if kind == "structured" and (exclude_self or targets == "groups"):
         options = INFO_NCE_KINDS[None]
@@ -200,13 +205,7 @@ def _sigmoid(d: Draw, labelled=False) -> Case:
         diff.append("logit_bias")
     else:
         kw["logit_bias"] = bias
-    labels = ()
-    if targets == "labels":
-        t["labels"] = d.ints(m, n)
-        labels = ("labels",)
-    elif targets == "groups":
-        t["query_groups"], t["key_groups"] = d.ints(3, n), d.ints(3, m)
-        labels = ("query_groups", "key_groups")
+    labels = _draw_targets(d, t, targets, n, m)
     kw["reduction"] = d(st.sampled_from(["mean", "sum", "none"]), "reduction")
     return Case(f"sigmoid_loss {targets}", lambda backend, **x: xloss.sigmoid_loss(**x, **kw, backend=backend),
                 t, tuple(diff), labels, mag=20.0)
