@@ -20,6 +20,8 @@ def _shape(t: torch.Tensor) -> tuple:
 
 
 def check_float_tensor(name: str, t, ndim: int | None = None) -> None:
+    if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and (ndim is None or t.dim() == ndim) and t.numel():
+        return  # valid (the common case, in one test)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.dtype.is_floating_point:
@@ -28,6 +30,21 @@ def check_float_tensor(name: str, t, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {_shape(t)}")
+
+
+def matrices_ok(tensors, same_shape: bool = False) -> bool:
+    """True when every tensor is a non-empty 2-D float tensor of the first one's dtype and device (and its shape,
+    with ``same_shape``): valid multi-tensor input passes in one test (a per-call cost that small batches
+    notice), and False sends the caller through its checks, which name what is wrong."""
+    t0 = tensors[0]
+    if not (isinstance(t0, torch.Tensor) and t0.dtype.is_floating_point and t0.dim() == 2 and t0.numel()):
+        return False
+    dtype, device, shape = t0.dtype, t0.device, t0.shape
+    for t in tensors[1:]:
+        if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == device
+                and (t.shape == shape if same_shape else t.dim() == 2 and t.numel())):
+            return False
+    return True
 
 
 def check_same_dtype_device(**tensors: torch.Tensor) -> None:
@@ -40,19 +57,20 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
             raise TypeError(f"{n0} and {name} must have the same dtype, got {t0.dtype} and {t.dtype}")
 
 
-def _value_check(cond: torch.Tensor, message: str) -> None:
+def _value_check(cond: torch.Tensor, message) -> None:
     """Raise unless the boolean 0-dim tensor ``cond`` holds, without reading it back to the host.
 
     ``torch._assert_async``: on CUDA (and under ``torch.compile``) a device-side assert, so no host sync (the error
     surfaces as a RuntimeError at the next synchronisation); on the CPU it checks at once, and the error is
-    re-raised as the ValueError it is."""
+    re-raised as the ValueError it is.  ``message``: a string, or a function that makes it (formatted on the
+    CPU only when the check fails: printing a tensor's value costs more than the check)."""
     if cond.device.type == "cpu" and not torch.compiler.is_compiling():
         try:
-            torch._assert_async(cond, message)
+            torch._assert_async(cond)
         except RuntimeError:
-            raise ValueError(message) from None
+            raise ValueError(message() if callable(message) else message) from None
     else:
-        torch._assert_async(cond, message)
+        torch._assert_async(cond, message() if callable(message) else message)
 
 
 def check_labels(labels, n: int, num_classes: int, device: torch.device) -> None:
@@ -119,25 +137,26 @@ def resolve_scale(logit_scale, temperature, device: torch.device, prefix: str = 
     ``temperature=τ`` means ``s = 1/τ`` (and its gradient flows back to τ when it is a tensor); neither given
     means ``s = 1``.  ``prefix`` names the arguments in errors (``"teacher_"``: ``teacher_logit_scale``...).
     """
-    scale_name, temp_name = f"{prefix}logit_scale", f"{prefix}temperature"
-    if logit_scale is not None and temperature is not None:
-        raise ValueError(f"give either {scale_name} or {temp_name}, not both ({temp_name}=t means "
-                         f"{scale_name}=1/t)")
-    if temperature is not None:
-        if _is_number(temperature) and not torch.compiler.is_compiling():  # checked here, no tensor op
-            if not float(temperature) > 0:
-                raise ValueError(f"{temp_name} must be positive, got {temperature}")
-            return _constant(1.0 / float(temperature), device)
-        t = _scalar(temp_name, temperature, device)
-        _value_check(t > 0, f"{temp_name} must be positive, got {_shown(temperature, t)}")
-        return 1.0 / t
+    if temperature is None:
+        if isinstance(logit_scale, torch.Tensor) and logit_scale.dim() == 0 \
+                and logit_scale.dtype.is_floating_point and logit_scale.device == device:
+            return logit_scale  # the common case, as given (see _scalar), in one test
+        return _scalar(prefix + "logit_scale", 1.0 if logit_scale is None else logit_scale, device)
+    temp_name = prefix + "temperature"
     if logit_scale is not None:
-        return _scalar(scale_name, logit_scale, device)
-    return _scalar(scale_name, 1.0, device)
+        raise ValueError(f"give either {prefix}logit_scale or {temp_name}, not both ({temp_name}=t means "
+                         f"{prefix}logit_scale=1/t)")
+    if _is_number(temperature) and not torch.compiler.is_compiling():  # checked here, no tensor op
+        if not float(temperature) > 0:
+            raise ValueError(f"{temp_name} must be positive, got {temperature}")
+        return _constant(1.0 / float(temperature), device)
+    t = _scalar(temp_name, temperature, device)
+    _value_check(t > 0, lambda: f"{temp_name} must be positive, got {_shown(temperature, t)}")
+    return 1.0 / t
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
+    return type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,16 +176,16 @@ def _shown(value, t: torch.Tensor):
 
 def _scalar(name: str, value, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.dtype.is_floating_point and value.device == device:
+            return value  # as given: no view node in the graph (a per-call cost for small problems)
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}")
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (one element), got shape {_shape(value)}")
         if value.device != device and value.dim() != 0:
             raise ValueError(f"{name} must be on {device} (or be a 0-dim tensor), got {value.device}")
-        if value.dim() == 0 and value.device == device:
-            return value  # as given: no view node in the graph (a per-call cost for small problems)
         return value.reshape(()).to(device)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
     # float64 so that a Python float loses nothing with float64 inputs; it is cast to the compute dtype later.
     if torch.compiler.is_compiling():  # a fresh constant in the traced graph
@@ -220,6 +239,13 @@ def check_token_weights(name: str, weights, shape: tuple, device: torch.device, 
 
 def check_query_key(query, key) -> None:
     """The two-tower inputs: 2-D float tensors of one dtype and device with the same feature dimension D."""
+    # Valid input passes one combined test (a per-call cost that small batches notice); anything else goes
+    # through the checks below, which name what is wrong.
+    if (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dtype == key.dtype
+            and query.dtype.is_floating_point and query.dim() == 2 and key.dim() == 2
+            and query.shape[1] == key.shape[1] and query.shape[0] and key.shape[0] and query.shape[1]
+            and query.device == key.device):
+        return
     check_float_tensor("query", query, ndim=2)
     check_float_tensor("key", key, ndim=2)
     check_same_dtype_device(query=query, key=key)

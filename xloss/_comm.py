@@ -418,6 +418,9 @@ def make(group, exchange: str, grad_reduction: str, query, key, labels, scales, 
     error everywhere instead of leaving the other ranks waiting.  ``groups``: the call passes group ids (every rank
     must then pass them, and no default pairing of local query i with local key i is assumed).
     """
+    if group is None and type(exchange) is str and exchange in EXCHANGES and type(grad_reduction) is str \
+            and grad_reduction in GRAD_REDUCTIONS:
+        return LOCAL, need_grad  # one process (the common case, checked in one test)
     _checks.check_choice("exchange", exchange, EXCHANGES)
     _checks.check_choice("grad_reduction", grad_reduction, GRAD_REDUCTIONS)
     if group is None or world_size(group) == 1:

@@ -204,6 +204,25 @@ FAMILIES = tuple(dict.fromkeys(r.family for r in TABLE))
 _ROUTES = {family: tuple(r for r in TABLE if r.family == family) for family in FAMILIES}  # looked up per call
 
 
+_ENV_KEY = os.environ.encodekey("XLOSS_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def env_backend() -> str:
+    """``XLOSS_BACKEND``, stripped ("" when unset).  Read per call (tests and users change it at run time), from
+    ``os.environ``'s own dict where CPython has one: ``os.environ.get`` of an unset variable raises and catches
+    a KeyError inside, a few µs per call that small batches notice."""
+    data = getattr(os.environ, "_data", None)
+    if data is None or _ENV_KEY is None:
+        return os.environ.get("XLOSS_BACKEND", "").strip()
+    raw = data.get(_ENV_KEY)
+    return "" if raw is None else os.environ.decodevalue(raw).strip()
+
+
+# The routes "auto" may take per (family, device type), in table order: what :func:`resolve` walks per call.
+_AUTO_ROUTES = {(family, device): tuple(r for r in rs if device in r.auto_devices)
+                for family, rs in _ROUTES.items() for device in ("cpu", "cuda", "meta")}
+
+
 def canonical(backend: str) -> str:
     """The engine name of a backend string (aliases mapped); ValueError for an unknown one."""
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -220,11 +239,16 @@ def resolve(family: str, backend: str, device: torch.device, dtype: torch.dtype 
 
     ``problem`` holds what a route's ``fits`` looks at (e.g. ``modalities=`` for Symile).
     """
+    if backend == "auto" and env_backend() in ("", "auto"):
+        # The common case, walked without the checks of the general path below (a per-call cost).
+        for r in _AUTO_ROUTES.get((family, device.type), ()):
+            if (dtype is None or dtype in r.dtypes) and r.fits(**problem) and r.runs(device):
+                return r.engine
     name = canonical(backend)
     if family not in FAMILIES:
         raise ValueError(f"unknown loss family {family!r}")
     if name == "auto":
-        env = os.environ.get("XLOSS_BACKEND", "").strip()
+        env = env_backend()
         if env and env != "auto":
             # The environment variable prefers an engine wherever it applies: a family without that engine,
             # or a dtype / problem it does not take, keeps "auto"'s choice; a device it cannot run on raises,
@@ -264,7 +288,10 @@ def dense_inputs(name: str, *tensors):
     for ``"reference"`` (the definition in the input dtype).  ``None`` passes through."""
     if name != "dense":
         return tensors
-    return tuple(t if t is None or t.dtype in _WIDE else t.float() for t in tensors)
+    for t in tensors:
+        if t is not None and t.dtype not in _WIDE:
+            return tuple(t if t is None or t.dtype in _WIDE else t.float() for t in tensors)
+    return tensors  # already wide (the common case): no new tuple
 
 
 _WIDE = (torch.float32, torch.float64)  # dtypes "dense" computes in as given

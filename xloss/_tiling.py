@@ -15,6 +15,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def in_accumulation_dtype(t: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
     """``t`` (a dense path's result) in the accumulation dtype of ``input_dtype``; no call when it already is
     (the common case: a per-call cost that small batches notice)."""
+    if t.dtype is input_dtype and (input_dtype is torch.float32 or input_dtype is torch.float64):
+        return t  # the common case, without a call
     acc = accumulation_dtype(input_dtype)
     return t if t.dtype == acc else t.to(acc)
 

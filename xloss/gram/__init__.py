@@ -134,6 +134,10 @@ def _check_modalities(anchor, others, same_rows: bool, what: str) -> None:
                          "the anchor")
     if len(others) > _chunked.MAX_OTHERS:
         raise ValueError(f"{what} supports k = 2..{_chunked.MAX_OTHERS + 1} modalities, got k = {len(others) + 1}")
+    if (_checks.matrices_ok(others, same_shape=True) and others[0].dtype == anchor.dtype
+            and others[0].device == anchor.device and others[0].shape[1] == anchor.shape[1]
+            and (not same_rows or others[0].shape[0] == anchor.shape[0])):
+        return  # valid (the common case, in one test); else the checks below name what is wrong
     for m, x in enumerate(others):
         _checks.check_float_tensor(f"others[{m}]", x, ndim=2)
         _checks.check_same_dtype_device(anchor=anchor, **{f"others[{m}]": x})

@@ -307,34 +307,41 @@ def info_nce(
     _checks.check_label_smoothing(label_smoothing)
     _checks.check_reduction(reduction)
     n, m = query.shape[0], key.shape[0]
-    groups = _checks.check_query_key_groups(query_groups, key_groups, n, m, query.device, labels)
+    device = query.device
+    groups = _checks.check_query_key_groups(query_groups, key_groups, n, m, device, labels)
     rule = target_rule(groups, symmetric, exclude_self, false_negative_margin, decoupled, hardness,
-                        label_smoothing, reduction)
+                       label_smoothing, reduction)
     prefixes = _matryoshka.check(matryoshka_dims, matryoshka_weights, matryoshka_normalize, query.shape[1])
     if prefixes is not None and rule is not None:
         raise ValueError("matryoshka_dims cannot be combined with query_groups/key_groups, exclude_self, "
                          "false_negative_margin, decoupled or hardness")
-    name = _dispatch.resolve("info_nce", backend, query.device, query.dtype, local=group is None,
-                             cells=n * m * (1 if prefixes is None else len(prefixes.dims)))
-    scale = _checks.resolve_scale(logit_scale, temperature, query.device)
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, scale))
+    name = _dispatch.resolve("info_nce", backend, device, query.dtype, local=group is None,
+                             cells=n * m if prefixes is None else n * m * len(prefixes.dims))
+    scale = _checks.resolve_scale(logit_scale, temperature, device)
+    need_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or scale.requires_grad)
     comm, _ = _comm.make(group, exchange, grad_reduction, query, key, labels, [scale], need_grad, name,
                          groups=groups)
     if rule is not None and rule.exclude_self and comm.total_rows(n) != comm.total_keys(m):
         raise ValueError(f"exclude_self=True needs as many queries as keys (one view matrix against itself), got "
                          f"N={comm.total_rows(n)} and M={comm.total_keys(m)}")
     if comm.is_local and not groups:
-        _checks.check_positives(labels, n, m, query.device, "query", "key", "key")
-    if name in ("reference", "dense"):
+        _checks.check_positives(labels, n, m, device, "query", "key", "key")
+    if name in ("dense", "reference"):
         q, k = _dispatch.dense_inputs(name, query, key)
-        return in_accumulation_dtype(_reference.info_nce(
-            q, k, logit_scale=scale, labels=None if labels is None else labels.long(), symmetric=symmetric,
-            label_smoothing=label_smoothing, reduction=reduction, query_groups=query_groups,
-            key_groups=key_groups, exclude_self=exclude_self, false_negative_margin=false_negative_margin,
-            decoupled=decoupled, hardness=hardness, matryoshka_dims=None if prefixes is None else prefixes.dims,
-            matryoshka_weights=None if prefixes is None else prefixes.weights,
-            matryoshka_normalize=matryoshka_normalize,
-        ), query.dtype)
+        if labels is not None:
+            labels = labels.long()
+        if rule is None and prefixes is None:  # the options of plain InfoNCE only (a per-call cost)
+            out = _reference.info_nce(q, k, logit_scale=scale, labels=labels, symmetric=symmetric,
+                                      label_smoothing=label_smoothing, reduction=reduction)
+        else:
+            out = _reference.info_nce(
+                q, k, logit_scale=scale, labels=labels, symmetric=symmetric, label_smoothing=label_smoothing,
+                reduction=reduction, query_groups=query_groups, key_groups=key_groups, exclude_self=exclude_self,
+                false_negative_margin=false_negative_margin, decoupled=decoupled, hardness=hardness,
+                matryoshka_dims=None if prefixes is None else prefixes.dims,
+                matryoshka_weights=None if prefixes is None else prefixes.weights,
+                matryoshka_normalize=matryoshka_normalize)
+        return in_accumulation_dtype(out, query.dtype)
     if prefixes is not None:
         if labels is None:
             labels = comm.default_labels(n, query.device)
@@ -363,6 +370,9 @@ def target_rule(groups: bool, symmetric: bool, exclude_self, margin, decoupled, 
                  reduction) -> TargetRule | None:
     """The structured-target rule of a call, checked (errors name the argument); None when every option is at its
     default (labels only).  ``groups``: query_groups/key_groups were given."""
+    if not groups and exclude_self is False and margin is None and decoupled is False and type(hardness) is float \
+            and hardness == 0.0:
+        return None  # every option at its default (the common case, in one test)
     for name, value in (("exclude_self", exclude_self), ("decoupled", decoupled)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

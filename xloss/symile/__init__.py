@@ -87,6 +87,8 @@ def _check_reps(reps) -> list[torch.Tensor]:
     reps = list(reps)
     if len(reps) < 2:
         raise ValueError(f"symile_loss needs at least 2 modalities (tensors [N, D]), got {len(reps)}")
+    if _checks.matrices_ok(reps, same_shape=True):
+        return reps
     for i, r in enumerate(reps):
         _checks.check_float_tensor(f"modalities[{i}]", r, ndim=2)
     _checks.check_same_dtype_device(**{f"modalities[{i}]": r for i, r in enumerate(reps)})
