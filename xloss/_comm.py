@@ -21,6 +21,8 @@ Gradients across ranks (``grad_reduction``):
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 
@@ -151,6 +153,13 @@ class GroupComm:
         self.backend = str(dist.get_backend(group))
         self.devices = _backend_devices(group)
         self.grad_factor = self.size if grad_reduction == "mean" else 1
+
+    def swapped(self) -> GroupComm:
+        """This communicator with the query and key sizes of its layout exchanged: for a ring that passes the
+        queries round instead of the keys (late interaction's document→query direction)."""
+        out = copy.copy(self)
+        out.layout = Layout(self.layout.m, self.layout.n, self.rank)
+        return out
 
     # The interface LocalComm shares (sizes of the global batch; collectives over the key rows).
     def total_rows(self, n):
@@ -497,6 +506,28 @@ class GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return scatter_sized(ctx.comm, g, ctx.sizes), None, None
+
+
+class ScatterRows(torch.autograd.Function):
+    """:func:`scatter_sized` (every rank's ``[Σ sizes, ...]`` summed, this rank's rows kept) with its adjoint,
+    the all_gather, as the backward.  Every rank must run the backward (it communicates)."""
+
+    @staticmethod
+    def forward(ctx, x, comm, sizes):
+        ctx.comm, ctx.sizes = comm, sizes
+        return scatter_sized(comm, x, sizes)
+
+    @staticmethod
+    def backward(ctx, g):
+        return gather_sized(ctx.comm, g.contiguous(), ctx.sizes), None, None
+
+
+def scatter_rows(comm: GroupComm, x: torch.Tensor, sizes, with_grad: bool = False) -> torch.Tensor:
+    """The sum over ranks of ``x [Σ sizes, ...]``, this rank's ``[sizes[rank], ...]`` rows; ``with_grad`` (the
+    same on every rank) through :class:`ScatterRows`, as :func:`gather_rows`."""
+    if with_grad and torch.is_grad_enabled():
+        return ScatterRows.apply(x if x.requires_grad else x.detach().requires_grad_(), comm, tuple(sizes))
+    return scatter_sized(comm, x, sizes)
 
 
 def gather_rows(comm: GroupComm, x: torch.Tensor | None, sizes, with_grad: bool = False):

@@ -366,10 +366,11 @@ def late_interaction_loss(
             every rank (``"none"``: this rank's ``[n_r]`` terms).  Equal to the single-process loss on the
             concatenated batch (padded to the longest token count with masked-out tokens).  See
             ``xloss/late_interaction/ranks.py`` and ``xloss.distributed``.
-        exchange: ``"all_gather"`` (default: the documents' tokens are gathered once per call; every direction)
-            or ``"ring"`` (``direction="q2d"`` only: document blocks pass round the ring, overlapped with the
-            scoring, so a rank holds two blocks of documents instead of all of them; the backward sends them
-            round again with their gradient accumulators).
+        exchange: ``"all_gather"`` (default: the documents' tokens are gathered once per call, and for
+            ``"d2q"``/``"both"`` the queries' too) or ``"ring"`` (blocks pass round the ring, overlapped with the
+            scoring, so a rank holds two blocks instead of all of them: the documents for ``"q2d"``, the queries
+            for ``"d2q"``, both in turn for ``"both"``; the backward sends them round again with their gradient
+            accumulators).
         grad_reduction: ``"mean"`` (default: gradients scaled by the world size, for DDP's / FSDP's average) or
             ``"sum"`` (exact shares), as ``xloss.info_nce``.
 

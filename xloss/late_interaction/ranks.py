@@ -15,13 +15,15 @@ it back), ``"sum"`` gives the exact shares.  Labels are global document indices;
 global document ``offset_r + i``.  Memory: ``O(M·Ld·D)`` document tokens per rank (plus ``O(N·Lq·D)`` query
 tokens for ``"d2q"``/``"both"``).
 
-``exchange="ring"`` (``"q2d"``, ColBERT's direction): the documents (tokens and mask in one message) travel
-the ring instead (:class:`RingMaxSim`), the next block in flight while this rank scores its queries against the
+``exchange="ring"``: for ``"q2d"`` (ColBERT's direction) the documents (tokens and mask in one message) travel
+the ring instead (:func:`ring_forward`), the next block in flight while this rank scores its queries against the
 current one; the backward sends them round again with an accumulator of their gradient that each rank adds
 its arg-max routing to (``xloss._comm.AccRing``), so each block's gradient arrives at its owner summed over
-ranks, as the all_gather's adjoint gives it.  Memory: two blocks of ``max m_r`` documents instead of all
-``M``, plus the ``[n_r, M, Lq]`` arg-max indices (as for all_gather).  ``"d2q"``/``"both"`` need every
-query against every document's column and take ``exchange="all_gather"``.
+ranks, as the all_gather's adjoint gives it.  For ``"d2q"`` the queries travel the same way while each rank
+scores its own documents' columns (the same sweep with the roles exchanged), and each query's column term goes
+back to its rank in one reduce-scatter of ``[N]`` numbers (:func:`_ring_d2q_columns`); ``"both"`` runs the two
+rings.  Memory: two blocks of ``max m_r`` documents (``max n_r`` queries for ``"d2q"``) instead of all of them,
+plus the arg-max indices ``[n_r, M, Lq]`` (``[m_r, N, Ld]`` for ``"d2q"``), as for all_gather.
 """
 
 from __future__ import annotations
@@ -130,6 +132,34 @@ def _ring_q2d(comm, q, d, q_valid, d_valid, q_weights, token_reduction, mask_mod
     return MaxSimFunction.apply(q, d, q_w, None, q_valid, d_valid, options, comm)[0]
 
 
+def _ring_d2q_columns(comm, q, d, q_valid, d_valid, d_weights, labels, scale, label_smoothing, token_reduction,
+                      mask_mode, engine, need_grad):
+    """The column (document→query) terms of this rank's queries, ``[n_r]``, with the queries passed round the ring.
+
+    ``S^{d2q}`` of this rank's documents against every query is the query→document MaxSim with the roles
+    exchanged (documents as the queries, their token weights as the query-token weights, the same mask mode), so
+    it is :func:`_ring_q2d` on a communicator whose layout swaps queries and keys: ``[m_r, N]``, the columns of
+    this rank's documents.  Query a's term is the cross-entropy of its positive's column, ``LSE_i z_ij −
+    (1−ε)·z_aj − ε·mean_i z_ij`` (j its label), computed where column j lives, and a reduce-scatter
+    (:class:`xloss._comm.ScatterRows`, whose adjoint is an all_gather) brings each term to its query's rank.
+    """
+    lay = comm.layout
+    s_t = _ring_q2d(comm.swapped(), d, q, d_valid, q_valid, d_weights, token_reduction, mask_mode, engine, need_grad)
+    z = s_t * (scale if scale.requires_grad else scale.to(s_t.dtype))  # [m_r, N]
+    all_labels = _comm.gather_sized(comm, labels, lay.n)  # every query's global document
+    off, m = comm.key_offset(), d.shape[0]
+    owned = (all_labels >= off) & (all_labels < off + m)  # the queries whose positive is one of this rank's
+    if m:
+        j = (all_labels - off).clamp(0, m - 1)
+        terms = torch.logsumexp(z, dim=1)[j] - (1 - label_smoothing) * z[j, torch.arange(lay.N, device=z.device)]
+        if label_smoothing:
+            terms = terms - label_smoothing * z.mean(dim=1)[j]
+        partial = torch.where(owned, terms, terms.new_zeros(()))
+    else:  # no documents here: nothing to add, but the collective runs on every rank
+        partial = z.new_zeros(lay.N)
+    return _comm.scatter_rows(comm, partial, lay.n, need_grad)
+
+
 def loss_across_ranks(q, d, q_mask, d_mask, q_weights, d_weights, *, scale, labels, direction, mask_mode,
                       token_reduction, label_smoothing, reduction, engine, group, exchange, grad_reduction):
     from . import _directional
@@ -137,9 +167,6 @@ def loss_across_ranks(q, d, q_mask, d_mask, q_weights, d_weights, *, scale, labe
     if exchange not in ("all_gather", "ring"):
         raise ValueError(f"late_interaction_loss across ranks exchanges the documents with exchange='all_gather' "
                          f"or 'ring', got exchange={exchange!r}")
-    if exchange == "ring" and direction != "q2d":
-        raise ValueError(f"exchange='ring' runs direction='q2d' (each rank's queries against the documents passed "
-                         f"round); direction={direction!r} needs every query's column: use exchange='all_gather'")
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, d, q_weights, d_weights, scale))
     # One metadata exchange (sizes, D, dtype, device, scale, label range: the same error on every rank), on a
@@ -173,7 +200,10 @@ def loss_across_ranks(q, d, q_mask, d_mask, q_weights, d_weights, *, scale, labe
     if q2d:
         z = s_q2d * (acc_scale if acc_scale.requires_grad else acc_scale.to(s_q2d.dtype))
         rows = F.cross_entropy(z, labels, label_smoothing=label_smoothing, reduction="none")
-    if d2q:
+    if d2q and exchange == "ring":
+        cols = _ring_d2q_columns(comm, q, d, q_valid, d_valid, d_weights, labels, acc_scale, label_smoothing,
+                                 token_reduction, mask_mode, engine, need_grad)
+    elif d2q:
         # Column term of local query a: its positive document against every query of every rank.
         q_all = _comm.gather_rows(comm, q, lay.n, need_grad)
         q_valid_all = _comm.gather_rows(comm, q_valid, lay.n)
