@@ -335,6 +335,116 @@ def test_maxsim_public_no_grad(engine_calls):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def pairs_calls(monkeypatch):
+    """Records the ``group`` of every call of the Triton aligned-pair sweep (proves the public path ran it)."""
+    calls = []
+    inner = tri.maxsim_pairs_fwd
+
+    def spy(*args, group=1, **kwargs):
+        calls.append(group)
+        return inner(*args, group=group, **kwargs)
+
+    monkeypatch.setattr(tri, "maxsim_pairs_fwd", spy)
+    return calls
+
+
+# (N, Lq, Ld, D) of aligned pairs: short sets (both directions in one sweep, rows = queries), a query longer than
+# a tile (33 > MAX_T: rows = documents for "both"), both longer (two sweeps), a long document with a D loop.
+PAIR_SHAPES = [(3, 5, 17, 9), (2, 33, 6, 5), (2, 33, 34, 5), (3, 4, 40, 40)]
+
+
+@pytest.mark.parametrize("shape", PAIR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("direction", ["q2d", "d2q", "both"])
+@pytest.mark.parametrize("mask_mode", ["exclude", "zero"])
+def test_maxsim_pairs_public_vs_reference(shape, direction, mask_mode, pairs_calls):
+    """``xloss.maxsim_pairs(backend="triton")`` (one kernel launch per sweep, each program one query and its
+    own document) against ``backend="reference"``: scores and the gradients of q, d and both token weights."""
+    import xloss
+
+    n, lq, ld, dim = shape
+    q, d, q_mask, d_mask, q_wt, d_wt = _public_inputs(21, nq=n, nd=n, lq=lq, ld=ld, dim=dim)
+
+    def run(backend):
+        def f(q, d, q_wt, d_wt):
+            return xloss.maxsim_pairs(q, d, q_mask, d_mask, mask_mode=mask_mode, direction=direction,
+                                      q_weights=q_wt if direction != "d2q" else None,
+                                      d_weights=d_wt if direction != "q2d" else None, backend=backend)
+        return _grads(f, (q, d, q_wt, d_wt))
+
+    out, grads = run("triton")
+    assert pairs_calls == [1]
+    r_out, r_grads = run("reference")
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, r_grads):
+        if rg is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n_q", "group", "lq", "ld"), [(3, 4, 5, 7), (2, 3, 33, 9), (1, 5, 3, 40)])
+@pytest.mark.parametrize("mask_mode", ["exclude", "zero"])
+def test_maxsim_grouped_and_distillation_vs_reference(n_q, group, lq, ld, mask_mode, pairs_calls):
+    """The grouped layout through the kernel (query a against documents a·n … a·n + n − 1, ``y_per_x``):
+    ``maxsim_grouped`` and ``late_interaction_distill_loss`` against the reference, values and gradients."""
+    import xloss
+
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(n_q, lq, 6, generator=g).to(DEVICE)
+    d = torch.randn(n_q, group, ld, 6, generator=g).to(DEVICE)
+    q_mask = (torch.rand(n_q, lq, generator=g) > 0.3).to(DEVICE)
+    d_mask = (torch.rand(n_q, group, ld, generator=g) > 0.3).to(DEVICE)
+    d_mask[0, 0] = False  # a document without a valid token
+    teacher = torch.randn(n_q, group, generator=g).to(DEVICE)
+
+    def scores(backend):
+        return _grads(lambda q, d: xloss.maxsim_grouped(q, d, q_mask, d_mask, mask_mode=mask_mode, backend=backend),
+                      (q, d))
+
+    def loss(backend):
+        return _grads(lambda q, d: xloss.late_interaction_distill_loss(
+            q, d, teacher, q_mask, d_mask, mask_mode=mask_mode, normalize_scores=False, backend=backend), (q, d))
+
+    for fn in (scores, loss):
+        pairs_calls.clear()
+        out, grads = fn("triton")
+        assert pairs_calls == [group]
+        r_out, r_grads = fn("reference")
+        torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+        for got, want in zip(grads, r_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["q2d", "both"])
+def test_maxsim_pairs_and_grouped_fp16(direction, pairs_calls):
+    """fp16 through the pair launches (the half-precision tiles, and their tensor-core dots on a GPU): the
+    kernel's fp32 sums of the fp16 products against the reference on the same values in fp32."""
+    import xloss
+
+    g = torch.Generator().manual_seed(41)
+    q = torch.randn(3, 6, 16, generator=g).half().to(DEVICE)
+    d = torch.randn(3, 2, 9, 16, generator=g).half().to(DEVICE)
+    if direction == "q2d":  # grouped: 2 documents per query
+        out = xloss.maxsim_grouped(q, d, backend="triton")
+        ref = xloss.maxsim_grouped(q.float(), d.float(), backend="reference")
+    else:
+        out = xloss.maxsim_pairs(q, d[:, 0], direction="both", backend="triton")
+        ref = xloss.maxsim_pairs(q.float(), d[:, 0].float(), direction="both", backend="reference")
+    assert pairs_calls == [2 if direction == "q2d" else 1]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_maxsim_pairs_float64_refused():
+    """As every Triton sweep: float64 raises the engine's TypeError that names the chunked backend."""
+    import xloss
+
+    q, d = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="chunked"):
+        xloss.maxsim_pairs(q.to(DEVICE), d.to(DEVICE), backend="triton")
+
+
 # -------------------------------------------------------------------------------------- backward: route
 
 from xloss.late_interaction import backward as _bwd

@@ -6,7 +6,7 @@ Layout (op → Function → function, as the other families):
   directions from the same similarity tiles, with the arg-max indices and maxima of every token) and a gradient
   sweep ``maxsim_bwd`` (routes the gradients through those indices); implemented by ``chunked.py`` (tiles in
   PyTorch, any device; on CPU the compiled MaxSim micro-kernel ``xloss::maxsim_q2d`` when built) and
-  ``triton.py`` (fused kernels).  The chunked engine also has the aligned-pair sweeps (``MaxSimPairsEngine``).
+  ``triton.py`` (fused kernels).  Both also have the aligned-pair sweeps (``MaxSimPairsEngine``).
   ``backward.py`` is the torch routing both engines share (the Triton engine with its own ``route`` kernels).
 * ``ops.py``      each sweep as a ``torch.library`` custom op (``xloss::maxsim_forward``,
   ``xloss::maxsim_backward``);
@@ -51,7 +51,7 @@ class MaxSimOptions:
     zero_mode: bool = False  # mask_mode="zero": invalid tokens score 0 and still compete
     q2d: bool = True  # compute the query→document scores
     d2q: bool = False  # compute the document→query scores
-    engine: str = "chunked"  # "chunked" | "triton" (see xloss._dispatch); aligned pairs: "chunked" only
+    engine: str = "chunked"  # "chunked" | "triton" (see xloss._dispatch)
     pairs: bool = False  # query a against document a only: ``[N]`` scores
     group: int = 1  # pairs: query a against documents a·group … a·group + group - 1 (maxsim_grouped; q2d only)
     need_aux: bool = True  # the engine returns the arg-max indices and maxima (False: nothing is saved)
@@ -295,8 +295,9 @@ def maxsim_pairs(
     """Aligned-pair scores ``[N]``: query a against document a only (reranking, distillation).
 
     The same options, formulas and padding contract as :func:`maxsim` with ``Nq == Nd == N`` (q and d 3-D);
-    ``O(N·Lq·Ld·D)`` work in chunked ``bmm``s (the chunked engine on every device for "auto", "chunked" and
-    "triton"; ``"dense"``, which "auto" takes for small problems, and ``"reference"`` run the definition).
+    ``O(N·Lq·Ld·D)`` work: one Triton launch on CUDA (each program one query and its own document), chunked
+    ``bmm``s (or the compiled CPU op) elsewhere; ``"dense"``, which "auto" takes for small problems, and
+    ``"reference"`` run the definition.
     """
     q_mask, d_mask = _check_inputs(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights,
                                    direction)
@@ -313,7 +314,7 @@ def maxsim_pairs(
                                        q_weights=dqw, d_weights=ddw, direction=direction
                                        ).to(accumulation_dtype(q.dtype))
     s_q2d, s_d2q = _directional(q, d, q_mask, d_mask, token_reduction, mask_mode, q_weights, d_weights, direction,
-                                "chunked", pairs=True)  # only the chunked engine has the aligned-pair sweeps
+                                name, pairs=True)
     return _combine(s_q2d, s_d2q, direction)
 
 

@@ -62,7 +62,8 @@ class MaxSimEngine(Protocol):
 
 
 class MaxSimPairsEngine(Protocol):
-    """Query a against document a only (``maxsim_pairs``): the chunked engine alone implements it."""
+    """Query a against document a only (``maxsim_pairs``), and the grouped layout: ``chunked.py`` and
+    ``triton.py`` implement it."""
 
     def maxsim_pairs_fwd(self, q: Tensor, d: Tensor, q_w: Tensor, d_w: Tensor | None, q_valid: Tensor,
                          d_valid: Tensor, zero_mode: bool, q2d: bool, d2q: bool, *, need_aux: bool = True,

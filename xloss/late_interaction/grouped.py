@@ -4,8 +4,9 @@ A distillation batch holds, for each query, n candidate documents a teacher has 
 ``Distillation``, sentence-transformers' ``MultiVectorDistillKLDivLoss``): ``q [N, Lq, D]``,
 ``d [N, n, Ld, D]``, ``teacher_scores [N, n]``.  The naive scores build ``[N, n, Lq, Ld]`` similarities (and
 as much again for their gradient); here the ``N·n`` (query, document) pairs are one aligned-pair MaxSim sweep
-(the engine of ``maxsim_pairs`` with ``group=n``: query a against documents ``a·n … a·n + n - 1``; the compiled
-CPU micro-kernel or chunked ``bmm``s, arg-max routing in the backward) over ``d`` flattened (a view), so
+(the engine of ``maxsim_pairs`` with ``group=n``: query a against documents ``a·n … a·n + n - 1``; on CUDA one
+Triton launch whose programs each own a query and a range of its documents, elsewhere the compiled CPU
+micro-kernel or chunked ``bmm``s; arg-max routing in the backward) over ``d`` flattened (a view), so
 nothing larger than a tile exists, the backward's temporaries are blocks of rows and ``d``'s gradient is
 written once; the ``[N, n]`` scores feed the softmaxes of the KL divergence directly.
 """
@@ -46,8 +47,8 @@ def maxsim_grouped(q: Tensor, d: Tensor, q_mask: Tensor | None = None, d_mask: T
         q_mask: ``[N, Lq]``; d_mask: ``[N, n, Ld]``; True / 1 = valid token, None = all valid.
         token_reduction, mask_mode: as :func:`xloss.maxsim` (``mask_mode="zero"``: PyLate's
             ``colbert_kd_scores``, which multiplies the similarities by the masks).
-        backend: ``"auto"`` / ``"chunked"`` (the aligned-pair sweeps, any device) or ``"reference"`` /
-            ``"dense"`` (the naive definition).
+        backend: ``"auto"`` (Triton on CUDA, the chunked sweeps elsewhere), ``"triton"``, ``"chunked"`` (any
+            device) or ``"reference"`` / ``"dense"`` (the naive definition).
 
     Returns:
         ``[N, n]`` scores, float32 for half inputs, float64 for float64.  Equal to
@@ -71,7 +72,7 @@ def maxsim_grouped(q: Tensor, d: Tensor, q_mask: Tensor | None = None, d_mask: T
         return torch.zeros(n_q, 0, dtype=accumulation_dtype(q.dtype), device=q.device)
     # One aligned-pair sweep over the N·n (query, document) pairs, query a against documents a·n … a·n + n - 1
     # (group=n): the gradient of d is written once, the queries are never repeated in what is kept.
-    s, _ = _directional(q, d_flat, q_mask, d_mask_flat, token_reduction, mask_mode, None, None, "q2d", "chunked",
+    s, _ = _directional(q, d_flat, q_mask, d_mask_flat, token_reduction, mask_mode, None, None, "q2d", name,
                         pairs=True, group=n)
     return s.view(n_q, n)
 

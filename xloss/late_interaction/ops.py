@@ -16,8 +16,8 @@ after are plain torch ops, traced as usual.
   engine's ``maxsim_bwd`` (``maxsim_pairs_bwd``), cast to the dtype of each input (zeros where needed but
   nothing was routed); an empty tensor where not needed.
 
-``engine`` names the engine module ("chunked" or "triton", see ``xloss._dispatch``; aligned pairs run on
-"chunked" only).
+``engine`` names the engine module ("chunked" or "triton", see ``xloss._dispatch``); both have the aligned-pair
+sweeps.
 """
 
 from __future__ import annotations

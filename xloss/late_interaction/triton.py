@@ -128,6 +128,8 @@ def _maxsim_kernel(
     stride_srx, stride_sry, stride_vrx, stride_vry,  # ROW outputs: strides over (row entity, column entity)
     stride_scx, stride_scy, stride_vcx, stride_vcy,  # COL outputs: the same
     docs_per_prog,  # column entities per program (grid axis 1)
+    y_per_x,  # 0: every row entity meets the same Ny column entities; > 0 (BLOCK_A == 1, aligned pairs and the
+    #           grouped layout): row entity a meets column entities a·y_per_x … a·y_per_x + Ny − 1 of y
     BLOCK_A: tl.constexpr,  # row entities per program, packed into the tile rows (1 when Lx > T_PAD)
     T_PAD: tl.constexpr,  # row tokens per entity per tile (power of 2; >= Lx unless BLOCK_A == 1 and not COL)
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -166,7 +168,9 @@ def _maxsim_kernel(
         cand3 = tl.reshape(c_cand.to(tl.int32), (BLOCK_A, T_PAD))[:, :, None] != 0  # [BLOCK_A, T_PAD, 1]
     b_lo = pid_b * docs_per_prog
     b_hi = tl.minimum(b_lo + docs_per_prog, Ny)
+    y0 = pid_a * y_per_x  # first column entity of this row entity (0 unless grouped: then BLOCK_A == 1)
     for b in range(b_lo, b_hi):
+        yb = y0 + b  # the column entity in y; the outputs are indexed by b, its place among the row's own
         s_r = tl.zeros([BLOCK_A], dtype=tl.float32)
         s_c = tl.zeros([BLOCK_A], dtype=tl.float32)
         for t0 in range(0, Lx, T_PAD):  # one iteration unless a long row set loops over token blocks
@@ -180,7 +184,7 @@ def _maxsim_kernel(
             for v0 in range(0, Ly, BLOCK_V):
                 offs_v = v0 + offs_v0  # [BLOCK_V]
                 v_ok = offs_v < Ly
-                y_off = b * stride_yn + offs_v * stride_yl  # [BLOCK_V] int64
+                y_off = yb * stride_yn + offs_v * stride_yl  # [BLOCK_V] int64
                 if HOIST_X:
                     y_blk = tl.load(y_ptr + y_off[:, None] + offs_d[None, :],  # [BLOCK_V, BLOCK_D]
                                     mask=v_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -198,7 +202,7 @@ def _maxsim_kernel(
                 # sim: [BLOCK_M, BLOCK_V] fp32.  Padded rows/columns read zeros; valid tokens may hold inf or
                 # NaN, so masked entries are replaced (never multiplied), and the maxima keep NaN (_max_nan:
                 # tl.max drops it on the GPU), as torch.max does.
-                yv = tl.load(yv_ptr + b * Ly + offs_v, mask=v_ok, other=0) != 0  # [BLOCK_V]
+                yv = tl.load(yv_ptr + yb * Ly + offs_v, mask=v_ok, other=0) != 0  # [BLOCK_V]
                 if ROW:
                     if ZERO_MODE:  # invalid column tokens score exactly 0 and compete; padding never does
                         cand = v_ok
@@ -233,12 +237,12 @@ def _maxsim_kernel(
                         c_mask = a_blk_ok[:, None] & v_ok[None, :]
                         tl.store(val_c_ptr + c_off, c_val, mask=c_mask)
                         tl.store(idx_c_ptr + c_off, c_arg.to(idx_c_ptr.dtype.element_ty), mask=c_mask)
-                    wy = tl.load(wy_ptr + b * Ly + offs_v, mask=v_ok, other=0.0)  # [BLOCK_V]
+                    wy = tl.load(wy_ptr + yb * Ly + offs_v, mask=v_ok, other=0.0)  # [BLOCK_V]
                     s_c += tl.sum(tl.where(keep_c, c_val * wy[None, :], 0.0), 1)
             if ROW:
                 # A masked-out row token, or no candidate at all: value 0, index -1, nothing in the sum.
                 xr = tl.load(xv_ptr + a_row * Lx + t_row, mask=row_ok, other=0) != 0  # [BLOCK_M]
-                keep = xr & (tl.load(hy_ptr + b) != 0)
+                keep = xr & (tl.load(hy_ptr + yb) != 0)
                 val = tl.where(keep, run_max, 0.0)
                 if AUX:
                     idx = tl.where(keep, run_idx, -1)
@@ -281,19 +285,25 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == 1 else t.contiguous()
 
 
-def _launch(x, y, wx, xv, yv, hx, hy, wy, zero_mode: bool, row: bool, col: bool, out_r, out_c, aux: bool):
+def _launch(x, y, wx, xv, yv, hx, hy, wy, zero_mode: bool, row: bool, col: bool, out_r, out_c, aux: bool,
+            y_per_x: int = 0):
     """One ``_maxsim_kernel`` sweep with ``x`` on the tile rows and ``y`` on the columns.
 
     ``out_r``/``out_c``: ``(s, val, idx)`` of the row / column direction, or None; ``s`` is indexed
     ``[x entity, y entity]`` and ``val``/``idx`` ``[x entity, y entity, token]`` through their strides (token
     stride 1), so a transposed view of a ``[Nq, Nd, ...]`` output lets rows be the documents.  ``aux``:
     ``val``/``idx`` are tensors to fill (else None).  ``xv``/``yv``: uint8 token validity; ``hx``/``hy``: uint8
-    per entity, whether it offers the other side any candidate.
+    per entity, whether it offers the other side any candidate.  ``y_per_x`` > 0: row entity ``a`` meets only
+    column entities ``a·y_per_x …`` (``y_per_x`` of them: aligned pairs are 1), one row entity per program,
+    and the outputs are indexed ``[a, j]`` by the place ``j`` among its own.
     """
     nx, lx, d = x.shape
-    ny, ly = y.shape[0], y.shape[1]
+    ny, ly = (y_per_x if y_per_x else y.shape[0]), y.shape[1]
     lx_pad = triton.next_power_of_2(lx)
-    if lx_pad <= MAX_T:
+    if y_per_x:  # one row entity per program (each has its own columns), tl.dot's 16 rows at least
+        t_pad, block_a = (max(16, lx_pad), 1) if lx_pad <= MAX_T else (MAX_T, 1)
+        assert lx_pad <= MAX_T or not col, "the column direction needs the whole row token set in one tile"
+    elif lx_pad <= MAX_T:
         t_pad = lx_pad
         block_a = max(1, ROWS_TARGET // t_pad)
         block_a = min(block_a, triton.next_power_of_2(nx))  # no wasted rows for a handful of queries
@@ -322,7 +332,7 @@ def _launch(x, y, wx, xv, yv, hx, hy, wy, zero_mode: bool, row: bool, col: bool,
         val_r.stride(0) if row and aux else 0, val_r.stride(1) if row and aux else 0,
         s_c.stride(0) if col else 0, s_c.stride(1) if col else 0,
         val_c.stride(0) if col and aux else 0, val_c.stride(1) if col and aux else 0,
-        per,
+        per, y_per_x,
         BLOCK_A=block_a, T_PAD=t_pad, BLOCK_V=block_v, BLOCK_D=block_d, SINGLE_D=single_d, HOIST_X=hoist_x,
         ZERO_MODE=zero_mode, ROW=row, COL=col, AUX=aux, INPUT_PRECISION=_common.input_precision(x.dtype),
         num_warps=num_warps if block_m * block_v > 2048 else 4, num_stages=NUM_STAGES,
@@ -402,6 +412,84 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
     else:  # d2q only: rows = documents, one direction (any Ld)
         _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, t(o_d2q), None, need_aux)
     return tuple(outs)
+
+
+def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *,
+                     need_aux: bool = True, q_masked: bool = True, d_masked: bool = True, group: int = 1):
+    """Aligned pairs (query a against document a only) and the grouped layout (``group`` > 1, query→document:
+    query a against documents ``a·group … a·group + group − 1``): one ``_maxsim_kernel`` launch whose programs
+    each own one query and a range of its own documents (``y_per_x``), so nothing is repeated or padded.
+
+    Arguments and results as ``chunked.maxsim_pairs_fwd``: ``s_q2d [Nd]``, ``idx_q2d``/``val_q2d [Nd, Lq]``,
+    ``s_d2q [N]``, ``idx_d2q``/``val_d2q [N, Ld]``, fp32 (None where not asked).  Both directions come from one
+    sweep when a query's tokens fit one tile (rows = queries); else, for ``"both"``, the rows are the documents
+    when theirs fit, and two one-direction sweeps otherwise (aligned pairs are symmetric: the row entity a meets
+    column entity a either way).
+    """
+    if group > 1 and d2q:
+        raise ValueError("grouped aligned pairs (group > 1) score query→document only")
+    if q.dtype not in _SUPPORTED or d.dtype != q.dtype:
+        raise TypeError(
+            f"the triton backend of maxsim supports float32, float16 and bfloat16 inputs, got q {q.dtype} "
+            f"and d {d.dtype}; use backend='chunked' (alias 'cpu') for float64"
+        )
+    nq, lq = q.shape[0], q.shape[1]
+    nd, ld = d.shape[0], d.shape[1]
+    dev = q.device
+    f32 = {"dtype": torch.float32, "device": dev}
+    outs = [None] * 6
+    for k, on, rows, own, other in ((0, q2d, nd, lq, ld), (3, d2q, nq, ld, lq)):
+        if on:
+            outs[k] = torch.empty(rows, **f32)
+            if need_aux:
+                outs[k + 1] = torch.empty(rows, own, dtype=_index_dtype(other), device=dev)
+                outs[k + 2] = torch.empty(rows, own, **f32)
+    if not (q2d or d2q):
+        return tuple(outs)
+    if min(nq, lq, ld) == 0 or nd == 0:  # nothing to sweep: value 0, index -1
+        for i in range(6):
+            if outs[i] is not None:
+                outs[i].fill_(-1 if i % 3 == 1 else 0)
+        return tuple(outs)
+    q, d = _tokens(q), _tokens(d)
+    qv = q_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
+    dv = d_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
+    qh, dh = _has_candidates(qv, zero_mode), _has_candidates(dv, zero_mode)
+    qw = q_w.to(**f32).contiguous() if q2d else None
+    dw = d_w.to(**f32).contiguous() if d2q else None
+
+    def per_row(k, row_side_n, per):  # (s, val, idx) of direction k indexed [row entity, own place, token]
+        if outs[k] is None:
+            return None
+        s = outs[k].view(row_side_n, per)
+        if not need_aux:
+            return (s, None, None)
+        return (s, outs[k + 2].view(row_side_n, per, -1), outs[k + 1].view(row_side_n, per, -1))
+
+    def fits(n):
+        return triton.next_power_of_2(n) <= MAX_T
+
+    o_q2d, o_d2q = per_row(0, nq, group), per_row(3, nd, 1)
+    if q2d and d2q and not fits(lq) and not fits(ld):  # no tile holds a whole token set: two sweeps
+        _launch(q, d, qw, qv, dv, qh, dh, None, zero_mode, True, False, o_q2d, None, need_aux, y_per_x=1)
+        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, o_d2q, None, need_aux, y_per_x=1)
+    elif q2d and (fits(lq) or not d2q):  # rows = queries: q2d is ROW, d2q (if asked) is COL
+        _launch(q, d, qw, qv, dv, qh, dh, dw, zero_mode, True, d2q, o_q2d, o_d2q, need_aux, y_per_x=group)
+    elif q2d:  # both asked, only the documents' token sets fit a tile: rows = documents
+        _launch(d, q, dw, dv, qv, dh, qh, qw, zero_mode, True, True, o_d2q, o_q2d, need_aux, y_per_x=1)
+    else:  # d2q only: rows = documents, one direction (any Ld)
+        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, o_d2q, None, need_aux, y_per_x=1)
+    return tuple(outs)
+
+
+def maxsim_pairs_bwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, aux_q2d, aux_d2q, g_q2d, g_d2q,
+                     need_q: bool, need_d: bool, need_qw: bool, need_dw: bool, group: int = 1):
+    """Gradients of :func:`maxsim_pairs_fwd`: ``backward.pairs_backward`` (one ``index_select`` and one
+    ``index_add_`` per block of pairs: O(N·L·D) torch ops, on any device), in fp32."""
+    from .backward import pairs_backward
+
+    return pairs_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q, g_q2d, g_d2q,
+                          need_q, need_d, need_qw, need_dw, group=group)
 
 
 # ------------------------------------------------------------------------------------------------ backward
