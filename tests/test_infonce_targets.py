@@ -9,6 +9,7 @@ formulas and against the peers that implement the same losses (pytorch-metric-le
 from __future__ import annotations
 
 import itertools
+import math
 
 import engines
 import pytest
@@ -223,6 +224,29 @@ def test_engine_mode_matrix(engine, mode, opts):
     engines.check_engine(engine, got, gold, naive, ["loss", "d query", "d key", "d scale"],
                          [mag * (n if opts["reduction"] == "sum" else 1), mag, mag, mag * n])
     assert got[0].dtype == (F64 if dtype == F64 else torch.float32)
+
+
+@pytest.mark.parametrize("engine", [e for e in engines.ENGINES if e != "reference"])
+@pytest.mark.parametrize("option", ["groups", "hardness", "exclude_self", "decoupled"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_infinite_logit_gives_the_references_infinity(engine, option, symmetric):
+    """A +inf logit in a log-sum-exp set makes the LSE +inf (``torch.logsumexp``), not inf − inf = NaN from the
+    engines' ``max + log Σ exp(z − max)``: the value's pattern of inf and NaN is the reference's."""
+    t = torch.tensor
+    dtype = engines.dtype_of(engine)
+    q = t([[1.0], [-1.0], [0.5]], dtype=dtype, device=engines.DEVICE)
+    k = t([[math.inf], [-1.0], [0.3]], dtype=dtype, device=engines.DEVICE)
+    opts = {"groups": {"query_groups": t([2, 1, 1]), "key_groups": t([1, 2, 1])},
+            "hardness": {"hardness": 0.5, "labels": t([1, 0, 2])},
+            "exclude_self": {"exclude_self": True, "labels": t([1, 0, 1])},
+            "decoupled": {"decoupled": True, "labels": t([1, 0, 2])}}[option]
+    opts = {key: v.to(engines.DEVICE) if isinstance(v, torch.Tensor) else v for key, v in opts.items()}
+    reduction = "sum" if symmetric else "none"
+    got = xloss.info_nce(q, k, symmetric=symmetric, reduction=reduction, backend=engine, **opts)
+    want = xloss.info_nce(q.double(), k.double(), symmetric=symmetric, reduction=reduction, backend="reference",
+                          **opts)
+    assert not torch.isfinite(want).all()  # the case is one of infinities
+    torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
 OPTION_GRID = list(itertools.product(

@@ -589,9 +589,6 @@ KNOWN_BUGS = {
         _t([[1.0], [-1.0]], dtype=dt), _t([[math.inf], [-1.0]], dtype=dt), decoupled=True, symmetric=False,
         reduction="none", backend=b), {"chunked", "triton"}),
     # 3. chunked and Triton: +inf where the definition gives +inf comes out NaN (inf - inf in a closed form).
-    "info_nce groups +inf key": (lambda b, dt: xloss.info_nce(
-        _t([[1.0], [-1.0]], dtype=dt), _t([[math.inf], [-1.0]], dtype=dt), query_groups=_t([2, 1]),
-        key_groups=_t([1, 2]), symmetric=False, reduction="none", backend=b), {"chunked", "triton"}),
     "cwcl_loss +inf key": (lambda b, dt: xloss.cwcl_loss(
         _t([[1.0], [-1.0], [-1.0]], dtype=dt), _t([[math.inf], [-1.0], [-1.0]], dtype=dt),
         query_targets=_t([[0.4], [0.8], [-0.7]], dtype=dt), reduction="none", backend=b), {"chunked", "triton"}),

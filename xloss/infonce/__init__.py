@@ -150,7 +150,10 @@ def _side_terms(stats, pos):
     subtracted first, as ``log_softmax``: with one positive that is the max the difference is exactly 0.
     """
     has = (pos[1] > 0) & (stats[0] != float("-inf"))  # an empty log-sum-exp set (decoupled + margin) adds nothing
-    terms = (stats[0] - pos[0] / pos[1].clamp(min=1)) + stats[1]
+    # A +inf max (and so no NaN in the set: the maxima keep NaN) makes the LSE +inf, as torch.logsumexp has it;
+    # the engines' log Σ exp(z − max) is inf − inf there.
+    rest = torch.where(stats[0] == float("inf"), stats[1].new_zeros(()), stats[1])
+    terms = (stats[0] - pos[0] / pos[1].clamp(min=1)) + rest
     return torch.where(has, terms, terms.new_zeros(())), has
 
 
