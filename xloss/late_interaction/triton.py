@@ -128,8 +128,8 @@ def _maxsim_kernel(
     stride_srx, stride_sry, stride_vrx, stride_vry,  # ROW outputs: strides over (row entity, column entity)
     stride_scx, stride_scy, stride_vcx, stride_vcy,  # COL outputs: the same
     docs_per_prog,  # column entities per program (grid axis 1)
-    y_per_x,  # 0: every row entity meets the same Ny column entities; > 0 (BLOCK_A == 1, aligned pairs and the
-    #           grouped layout): row entity a meets column entities a·y_per_x … a·y_per_x + Ny − 1 of y
+    y_per_x,  # GROUPED only (BLOCK_A == 1; aligned pairs and the grouped layout): row entity a meets column
+    #           entities a·y_per_x … a·y_per_x + Ny − 1 of y (else every row entity meets the same Ny)
     BLOCK_A: tl.constexpr,  # row entities per program, packed into the tile rows (1 when Lx > T_PAD)
     T_PAD: tl.constexpr,  # row tokens per entity per tile (power of 2; >= Lx unless BLOCK_A == 1 and not COL)
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -138,6 +138,8 @@ def _maxsim_kernel(
     ZERO_MODE: tl.constexpr,  # invalid tokens score 0 and compete (else: they never win, -inf)
     ROW: tl.constexpr, COL: tl.constexpr,  # which directions to compute (COL needs Lx <= T_PAD)
     AUX: tl.constexpr,  # also find and store the per-token maxima and arg-max indices (for the backward)
+    GROUPED: tl.constexpr,  # each row entity has its own column entities (y_per_x); a constexpr, so that the
+    #                         shared-column variants compile as they did without it
     INPUT_PRECISION: tl.constexpr,
 ):
     # grid: (cdiv(Nx, BLOCK_A), cdiv(Ny, docs_per_prog))
@@ -168,9 +170,11 @@ def _maxsim_kernel(
         cand3 = tl.reshape(c_cand.to(tl.int32), (BLOCK_A, T_PAD))[:, :, None] != 0  # [BLOCK_A, T_PAD, 1]
     b_lo = pid_b * docs_per_prog
     b_hi = tl.minimum(b_lo + docs_per_prog, Ny)
-    y0 = pid_a * y_per_x  # first column entity of this row entity (0 unless grouped: then BLOCK_A == 1)
     for b in range(b_lo, b_hi):
-        yb = y0 + b  # the column entity in y; the outputs are indexed by b, its place among the row's own
+        if GROUPED:  # the column entity in y; the outputs are indexed by b, its place among the row's own
+            yb = pid_a * y_per_x + b
+        else:
+            yb = b
         s_r = tl.zeros([BLOCK_A], dtype=tl.float32)
         s_c = tl.zeros([BLOCK_A], dtype=tl.float32)
         for t0 in range(0, Lx, T_PAD):  # one iteration unless a long row set loops over token blocks
@@ -334,7 +338,8 @@ def _launch(x, y, wx, xv, yv, hx, hy, wy, zero_mode: bool, row: bool, col: bool,
         val_c.stride(0) if col and aux else 0, val_c.stride(1) if col and aux else 0,
         per, y_per_x,
         BLOCK_A=block_a, T_PAD=t_pad, BLOCK_V=block_v, BLOCK_D=block_d, SINGLE_D=single_d, HOIST_X=hoist_x,
-        ZERO_MODE=zero_mode, ROW=row, COL=col, AUX=aux, INPUT_PRECISION=_common.input_precision(x.dtype),
+        ZERO_MODE=zero_mode, ROW=row, COL=col, AUX=aux, GROUPED=y_per_x > 0,
+        INPUT_PRECISION=_common.input_precision(x.dtype),
         num_warps=num_warps if block_m * block_v > 2048 else 4, num_stages=NUM_STAGES,
     )
 
