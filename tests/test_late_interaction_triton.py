@@ -266,6 +266,17 @@ def engine_calls(monkeypatch):
     return calls
 
 
+def _same_outputs(out, grads, r_out, r_grads):
+    """A public path's value and gradients against the reference's (fp32 tolerance); where the reference gives
+    no gradient, the engine gives none or zeros."""
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, r_grads):
+        if rg is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+
+
 def _grads(fn, tensors):
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     out = fn(*leaves)
@@ -293,12 +304,7 @@ def test_maxsim_public_vs_reference(direction, mask_mode, engine_calls):
     out, grads = run("triton")
     assert engine_calls == [True]
     r_out, r_grads = run("reference")
-    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
-    for g, rg in zip(grads, r_grads):
-        if rg is None:
-            assert g is None or torch.count_nonzero(g) == 0
-        else:
-            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+    _same_outputs(out, grads, r_out, r_grads)
 
 
 @pytest.mark.parametrize("direction", ["q2d", "both"])
@@ -318,9 +324,7 @@ def test_late_interaction_loss_public_vs_reference(direction, engine_calls):
     out, grads = run("triton")
     assert engine_calls == [True]
     r_out, r_grads = run("reference")
-    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
-    for g, rg in zip(grads, r_grads):
-        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+    _same_outputs(out, grads, r_out, r_grads)
 
 
 def test_maxsim_public_no_grad(engine_calls):
@@ -375,12 +379,7 @@ def test_maxsim_pairs_public_vs_reference(shape, direction, mask_mode, pairs_cal
     out, grads = run("triton")
     assert pairs_calls == [1]
     r_out, r_grads = run("reference")
-    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
-    for g, rg in zip(grads, r_grads):
-        if rg is None:
-            assert g is None or torch.count_nonzero(g) == 0
-        else:
-            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+    _same_outputs(out, grads, r_out, r_grads)
 
 
 @pytest.mark.parametrize(("n_q", "group", "lq", "ld"), [(3, 4, 5, 7), (2, 3, 33, 9), (1, 5, 3, 40)])
@@ -411,9 +410,7 @@ def test_maxsim_grouped_and_distillation_vs_reference(n_q, group, lq, ld, mask_m
         out, grads = fn("triton")
         assert pairs_calls == [group]
         r_out, r_grads = fn("reference")
-        torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
-        for got, want in zip(grads, r_grads):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        _same_outputs(out, grads, r_out, r_grads)
 
 
 @pytest.mark.parametrize("direction", ["q2d", "both"])
@@ -611,12 +608,7 @@ def test_maxsim_public_backward_uses_triton_route(direction, mask_mode, route_ca
     out, grads = run("triton")
     assert len(route_calls) == (2 if direction == "both" else 1)
     r_out, r_grads = run("reference")
-    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
-    for g, rg in zip(grads, r_grads):
-        if rg is None:
-            assert g is None or torch.count_nonzero(g) == 0
-        else:
-            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+    _same_outputs(out, grads, r_out, r_grads)
 
 
 def test_late_interaction_loss_both_uses_triton_route(route_calls, scatter_mode):
@@ -634,9 +626,7 @@ def test_late_interaction_loss_both_uses_triton_route(route_calls, scatter_mode)
     out, grads = run("triton")
     assert len(route_calls) == 2
     r_out, r_grads = run("reference")
-    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
-    for g, rg in zip(grads, r_grads):
-        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+    _same_outputs(out, grads, r_out, r_grads)
 
 
 def test_maxsim_public_fp16_backward_uses_triton_route(route_calls):

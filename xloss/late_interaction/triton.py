@@ -344,6 +344,43 @@ def _launch(x, y, wx, xv, yv, hx, hy, wy, zero_mode: bool, row: bool, col: bool,
     )
 
 
+def _setup(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, need_aux: bool,
+           lead_q2d: tuple, lead_d2q: tuple):
+    """What every forward launcher does first: refuse a dtype the kernel does not take, allocate the six
+    outputs (``s`` of shape ``lead``, ``idx``/``val`` of ``lead + (tokens,)``; None where not asked) and, unless
+    there is nothing to sweep (then the outputs are filled with value 0, index -1 and the inputs are None),
+    the kernel's inputs ``(q, d, qv, dv, qh, dh, qw, dw)``: unit stride along D, uint8 validity, the
+    per-entity candidate flags and fp32 weights."""
+    if q.dtype not in _SUPPORTED or d.dtype != q.dtype:
+        raise TypeError(
+            f"the triton backend of maxsim supports float32, float16 and bfloat16 inputs, got q {q.dtype} "
+            f"and d {d.dtype}; use backend='chunked' (alias 'cpu') for float64"
+        )
+    lq, ld = q.shape[1], d.shape[1]
+    dev = q.device
+    f32 = {"dtype": torch.float32, "device": dev}
+    outs = [None] * 6
+    for k, on, lead, own, other in ((0, q2d, lead_q2d, lq, ld), (3, d2q, lead_d2q, ld, lq)):
+        if on:
+            outs[k] = torch.empty(lead, **f32)
+            if need_aux:
+                outs[k + 1] = torch.empty(*lead, own, dtype=_index_dtype(other), device=dev)
+                outs[k + 2] = torch.empty(*lead, own, **f32)
+    if not (q2d or d2q):
+        return outs, None
+    if min(q.shape[0], d.shape[0], lq, ld) == 0:  # nothing to sweep: no token to take a max over
+        for i in range(6):
+            if outs[i] is not None:
+                outs[i].fill_(-1 if i % 3 == 1 else 0)
+        return outs, None
+    qv = q_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
+    dv = d_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
+    qw = q_w.to(**f32).contiguous() if q2d else None
+    dw = d_w.to(**f32).contiguous() if d2q else None
+    return outs, (_tokens(q), _tokens(d), qv, dv, _has_candidates(qv, zero_mode), _has_candidates(dv, zero_mode),
+                  qw, dw)
+
+
 def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *,
                need_aux: bool = True, q_masked: bool = True, d_masked: bool = True):
     """MaxSim scores, per-token maxima and arg-max indices of one or both directions, one sweep.
@@ -368,35 +405,10 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
         d2q the same with the roles swapped: ``[Nq, Nd]``, ``[Nq, Nd, Ld]``,
         ``s_d2q = Σ_v d_w[b, v]·val_d2q``.
     """
-    if q.dtype not in _SUPPORTED or d.dtype != q.dtype:
-        raise TypeError(
-            f"the triton backend of maxsim supports float32, float16 and bfloat16 inputs, got q {q.dtype} "
-            f"and d {d.dtype}; use backend='chunked' (alias 'cpu') for float64"
-        )
-    nq, lq = q.shape[0], q.shape[1]
-    nd, ld = d.shape[0], d.shape[1]
-    dev = q.device
-    f32 = {"dtype": torch.float32, "device": dev}
-    outs = [None] * 6
-    for k, on, own, other in ((0, q2d, lq, ld), (3, d2q, ld, lq)):
-        if on:
-            outs[k] = torch.empty(nq, nd, **f32)
-            if need_aux:
-                outs[k + 1] = torch.empty(nq, nd, own, dtype=_index_dtype(other), device=dev)
-                outs[k + 2] = torch.empty(nq, nd, own, **f32)
-    if not (q2d or d2q):
+    nq, nd = q.shape[0], d.shape[0]
+    outs, ins = _setup(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, need_aux, (nq, nd), (nq, nd))
+    if ins is None:
         return tuple(outs)
-    if min(nq, nd, lq, ld) == 0:  # nothing to sweep: no token to take a max over -> value 0, index -1
-        for i in range(6):
-            if outs[i] is not None:
-                outs[i].fill_(-1 if i % 3 == 1 else 0)
-        return tuple(outs)
-    q, d = _tokens(q), _tokens(d)
-    qv = q_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
-    dv = d_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
-    qh, dh = _has_candidates(qv, zero_mode), _has_candidates(dv, zero_mode)
-    qw = q_w.to(**f32).contiguous() if q2d else None
-    dw = d_w.to(**f32).contiguous() if d2q else None
     # (s, val, idx) indexed [x, y, ...] for each launch; ``.transpose(0, 1)`` when the rows are documents.
     o_q2d = (outs[0], outs[2], outs[1]) if q2d else None
     o_d2q = (outs[3], outs[5], outs[4]) if d2q else None
@@ -404,19 +416,32 @@ def maxsim_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q
     def t(o):
         return None if o is None else tuple(None if z is None else z.transpose(0, 1) for z in o)
 
+    _directions(ins, zero_mode, q2d, d2q, need_aux, (o_q2d, o_d2q), (t(o_q2d), t(o_d2q)))
+    return tuple(outs)
+
+
+def _directions(ins, zero_mode: bool, q2d: bool, d2q: bool, need_aux: bool, q_rows, d_rows, group: int = 0):
+    """The launches of one forward: both directions from one sweep where a token set fits a tile, else two.
+
+    ``q_rows`` / ``d_rows``: the ``(s, val, idx)`` outputs of (q2d, d2q) indexed for a launch with the queries
+    / the documents on the tile rows.  ``group`` > 0: each query meets only its own documents (``y_per_x``;
+    aligned pairs are 1, and then symmetric: a document meets its own query the same way)."""
+    q, d, qv, dv, qh, dh, qw, dw = ins
+    lq, ld = q.shape[1], d.shape[1]
+    mine = 1 if group else 0  # the documents on the rows: each meets its own query (aligned pairs only)
+
     def fits(n):
         return triton.next_power_of_2(n) <= MAX_T
 
     if q2d and d2q and not fits(lq) and not fits(ld):  # no tile holds a whole token set: two sweeps
-        _launch(q, d, qw, qv, dv, qh, dh, None, zero_mode, True, False, o_q2d, None, need_aux)
-        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, t(o_d2q), None, need_aux)
+        _launch(q, d, qw, qv, dv, qh, dh, None, zero_mode, True, False, q_rows[0], None, need_aux, group)
+        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, d_rows[1], None, need_aux, mine)
     elif q2d and (fits(lq) or not d2q):  # rows = queries: q2d is ROW, d2q (if asked) is COL
-        _launch(q, d, qw, qv, dv, qh, dh, dw, zero_mode, True, d2q, o_q2d, o_d2q, need_aux)
+        _launch(q, d, qw, qv, dv, qh, dh, dw, zero_mode, True, d2q, q_rows[0], q_rows[1], need_aux, group)
     elif q2d:  # both asked, only the doc token sets fit a tile: rows = documents
-        _launch(d, q, dw, dv, qv, dh, qh, qw, zero_mode, True, True, t(o_d2q), t(o_q2d), need_aux)
+        _launch(d, q, dw, dv, qv, dh, qh, qw, zero_mode, True, True, d_rows[1], d_rows[0], need_aux, mine)
     else:  # d2q only: rows = documents, one direction (any Ld)
-        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, t(o_d2q), None, need_aux)
-    return tuple(outs)
+        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, d_rows[1], None, need_aux, mine)
 
 
 def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: bool, d2q: bool, *,
@@ -433,35 +458,10 @@ def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: boo
     """
     if group > 1 and d2q:
         raise ValueError("grouped aligned pairs (group > 1) score query→document only")
-    if q.dtype not in _SUPPORTED or d.dtype != q.dtype:
-        raise TypeError(
-            f"the triton backend of maxsim supports float32, float16 and bfloat16 inputs, got q {q.dtype} "
-            f"and d {d.dtype}; use backend='chunked' (alias 'cpu') for float64"
-        )
-    nq, lq = q.shape[0], q.shape[1]
-    nd, ld = d.shape[0], d.shape[1]
-    dev = q.device
-    f32 = {"dtype": torch.float32, "device": dev}
-    outs = [None] * 6
-    for k, on, rows, own, other in ((0, q2d, nd, lq, ld), (3, d2q, nq, ld, lq)):
-        if on:
-            outs[k] = torch.empty(rows, **f32)
-            if need_aux:
-                outs[k + 1] = torch.empty(rows, own, dtype=_index_dtype(other), device=dev)
-                outs[k + 2] = torch.empty(rows, own, **f32)
-    if not (q2d or d2q):
+    nq, nd = q.shape[0], d.shape[0]
+    outs, ins = _setup(q, d, q_w, d_w, q_valid, d_valid, zero_mode, q2d, d2q, need_aux, (nd,), (nq,))
+    if ins is None:
         return tuple(outs)
-    if min(nq, lq, ld) == 0 or nd == 0:  # nothing to sweep: value 0, index -1
-        for i in range(6):
-            if outs[i] is not None:
-                outs[i].fill_(-1 if i % 3 == 1 else 0)
-        return tuple(outs)
-    q, d = _tokens(q), _tokens(d)
-    qv = q_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
-    dv = d_valid.to(device=dev, dtype=torch.bool).contiguous().view(torch.uint8)
-    qh, dh = _has_candidates(qv, zero_mode), _has_candidates(dv, zero_mode)
-    qw = q_w.to(**f32).contiguous() if q2d else None
-    dw = d_w.to(**f32).contiguous() if d2q else None
 
     def per_row(k, row_side_n, per):  # (s, val, idx) of direction k indexed [row entity, own place, token]
         if outs[k] is None:
@@ -471,19 +471,8 @@ def maxsim_pairs_fwd(q, d, q_w, d_w, q_valid, d_valid, zero_mode: bool, q2d: boo
             return (s, None, None)
         return (s, outs[k + 2].view(row_side_n, per, -1), outs[k + 1].view(row_side_n, per, -1))
 
-    def fits(n):
-        return triton.next_power_of_2(n) <= MAX_T
-
-    o_q2d, o_d2q = per_row(0, nq, group), per_row(3, nd, 1)
-    if q2d and d2q and not fits(lq) and not fits(ld):  # no tile holds a whole token set: two sweeps
-        _launch(q, d, qw, qv, dv, qh, dh, None, zero_mode, True, False, o_q2d, None, need_aux, y_per_x=1)
-        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, o_d2q, None, need_aux, y_per_x=1)
-    elif q2d and (fits(lq) or not d2q):  # rows = queries: q2d is ROW, d2q (if asked) is COL
-        _launch(q, d, qw, qv, dv, qh, dh, dw, zero_mode, True, d2q, o_q2d, o_d2q, need_aux, y_per_x=group)
-    elif q2d:  # both asked, only the documents' token sets fit a tile: rows = documents
-        _launch(d, q, dw, dv, qv, dh, qh, qw, zero_mode, True, True, o_d2q, o_q2d, need_aux, y_per_x=1)
-    else:  # d2q only: rows = documents, one direction (any Ld)
-        _launch(d, q, dw, dv, qv, dh, qh, None, zero_mode, True, False, o_d2q, None, need_aux, y_per_x=1)
+    own = (per_row(0, nq, group), per_row(3, nd, 1))  # the same indexing with either side on the rows
+    _directions(ins, zero_mode, q2d, d2q, need_aux, own, own, group)
     return tuple(outs)
 
 
