@@ -143,13 +143,23 @@ def _input_grads(ctx, q, qf, k, scale, s, dq, dk):
     return grad_q, grad_k, grad_scale
 
 
-def _side_terms(stats, pos):
+def _side_terms(stats, pos, rule: TargetRule, candidates: int):
     """``LSE − mean of the positives`` per row (or column) with a positive, else 0; and the has-a-positive mask.
 
-    ``stats [2, ·]`` split statistics, ``pos [2, ·]`` (sum of the positive logits, their count).  The max is
-    subtracted first, as ``log_softmax``: with one positive that is the max the difference is exactly 0.
+    ``stats [2, ·]`` split statistics, ``pos [2, ·]`` (sum of the positive logits, their count), ``candidates``
+    the size of the other side (M keys for rows, N queries for columns).  The max is subtracted first, as
+    ``log_softmax``: with one positive that is the max the difference is exactly 0.
+
+    A row whose log-sum-exp set is empty adds nothing (decoupled with only positives, or the margin dropping every
+    negative).  Without the margin the set's size is known: every candidate but the self pair and (decoupled) the
+    positives, so a set whose members are all −inf keeps its −inf / NaN term, as the reference's; the margin
+    drops negatives by value, and there an empty set is the one whose max is −inf.
     """
-    has = (pos[1] > 0) & (stats[0] != float("-inf"))  # an empty log-sum-exp set (decoupled + margin) adds nothing
+    if rule.margin is None:
+        members = candidates - (1 if rule.exclude_self else 0) - (pos[1] if rule.decoupled else 0)
+        has = (pos[1] > 0) & (members > 0)
+    else:
+        has = (pos[1] > 0) & (stats[0] != float("-inf"))
     # A +inf max (and so no NaN in the set: the maxima keep NaN) makes the LSE +inf, as torch.logsumexp has it;
     # the engines' log Σ exp(z − max) is inf − inf there.
     rest = torch.where(stats[0] == float("inf"), stats[1].new_zeros(()), stats[1])
@@ -170,12 +180,13 @@ def _targets_forward(ctx, q, k, scale, qg, kg, options: InfoNCEOptions, comm):
     if rule.margin is not None:
         ref_r, ref_c = sweeps.positive_max(comm, q, k, qg, kg, rule, symmetric, engine)
     row, col, pos_r, pos_c, keys = sweeps.masked_lse(comm, q, k, s, qg, kg, rule, ref_r, ref_c, symmetric, engine)
-    rows, has_r = _side_terms(row, pos_r)
+    N, M = comm.total_rows(q.shape[0]), comm.total_keys(k.shape[0])
+    rows, has_r = _side_terms(row, pos_r, rule, M)
     # Global counts and row sum in one exchange: [Σ r, #rows with a positive].
     row_total, n_rows = comm.global_sum(torch.stack([rows.sum(), has_r.sum().to(acc)])).unbind()
     cols = has_c = None
     if symmetric:
-        cols, has_c = _side_terms(col, pos_c)
+        cols, has_c = _side_terms(col, pos_c, rule, N)
     if options.reduction == "none":
         out = (rows + cols[qg]) / 2 if symmetric else rows
     elif options.reduction == "sum":
@@ -195,7 +206,8 @@ def _targets_backward(ctx, grad_out):
     symmetric, acc = options.symmetric, row.dtype
     g = grad_out.to(acc)
     half = g / 2 if symmetric else g
-    has_r = _side_terms(row, pos_r)[1]
+    N, M = comm.total_rows(q.shape[0]), comm.total_keys(k.shape[0])
+    has_r = _side_terms(row, pos_r, options.targets, M)[1]
     zero = g.new_zeros(())
     w = pw = None
     if options.reduction == "none":  # d loss / d r_i = g_i (/2); d loss / d c_j = Σ_{i: qg_i = j} g_i / 2
@@ -205,11 +217,11 @@ def _targets_backward(ctx, grad_out):
     else:
         a = torch.where(has_r, half / (n_rows.clamp(min=1) if options.reduction == "mean" else 1), zero)
         if symmetric:
-            has_c = _side_terms(col, pos_c)[1]
+            has_c = _side_terms(col, pos_c, options.targets, N)[1]
             w = torch.where(has_c, half / (has_c.sum().clamp(min=1) if options.reduction == "mean" else 1), zero)
     pa = a / pos_r[1].clamp(min=1)
     if symmetric:
-        w = torch.where(_side_terms(col, pos_c)[1], w, zero)
+        w = torch.where(_side_terms(col, pos_c, options.targets, N)[1], w, zero)
         pw = w / pos_c[1].clamp(min=1)
     s = scale.detach().to(acc)
     dq, dk = sweeps.masked_grad(comm, q, k, keys, s, qg, kg, options.targets, ref_r, ref_c, row, col, a, w, pa, pw,
