@@ -138,9 +138,6 @@ def resolve_scale(logit_scale, temperature, device: torch.device, prefix: str = 
     means ``s = 1``.  ``prefix`` names the arguments in errors (``"teacher_"``: ``teacher_logit_scale``...).
     """
     if temperature is None:
-        if isinstance(logit_scale, torch.Tensor) and logit_scale.dim() == 0 \
-                and logit_scale.dtype.is_floating_point and logit_scale.device == device:
-            return logit_scale  # the common case, as given (see _scalar), in one test
         return _scalar(prefix + "logit_scale", 1.0 if logit_scale is None else logit_scale, device)
     temp_name = prefix + "temperature"
     if logit_scale is not None:

@@ -143,23 +143,28 @@ def _input_grads(ctx, q, qf, k, scale, s, dq, dk):
     return grad_q, grad_k, grad_scale
 
 
-def _side_terms(stats, pos, rule: TargetRule, candidates: int):
-    """``LSE − mean of the positives`` per row (or column) with a positive, else 0; and the has-a-positive mask.
+def _has_set(stats, pos, rule: TargetRule, candidates: int):
+    """Which rows (or columns) have a term: a positive, and a non-empty log-sum-exp set.
 
-    ``stats [2, ·]`` split statistics, ``pos [2, ·]`` (sum of the positive logits, their count), ``candidates``
-    the size of the other side (M keys for rows, N queries for columns).  The max is subtracted first, as
-    ``log_softmax``: with one positive that is the max the difference is exactly 0.
-
-    A row whose log-sum-exp set is empty adds nothing (decoupled with only positives, or the margin dropping every
-    negative).  Without the margin the set's size is known: every candidate but the self pair and (decoupled) the
-    positives, so a set whose members are all −inf keeps its −inf / NaN term, as the reference's; the margin
-    drops negatives by value, and there an empty set is the one whose max is −inf.
+    ``candidates``: the size of the other side (M keys for rows, N queries for columns).  The set is empty when
+    decoupled leaves only positives, or the margin drops every negative.  Without the margin its size is known:
+    every candidate but the self pair and (decoupled) the positives, so a set whose members are all −inf keeps its
+    −inf / NaN term, as the reference's; the margin drops negatives by value, and there an empty set is the one
+    whose max is −inf.
     """
     if rule.margin is None:
         members = candidates - (1 if rule.exclude_self else 0) - (pos[1] if rule.decoupled else 0)
-        has = (pos[1] > 0) & (members > 0)
-    else:
-        has = (pos[1] > 0) & (stats[0] != float("-inf"))
+        return (pos[1] > 0) & (members > 0)
+    return (pos[1] > 0) & (stats[0] != float("-inf"))
+
+
+def _side_terms(stats, pos, rule: TargetRule, candidates: int):
+    """``LSE − mean of the positives`` per row (or column) with a term (:func:`_has_set`), else 0; and that mask.
+
+    ``stats [2, ·]`` split statistics, ``pos [2, ·]`` (sum of the positive logits, their count).  The max is
+    subtracted first, as ``log_softmax``: with one positive that is the max the difference is exactly 0.
+    """
+    has = _has_set(stats, pos, rule, candidates)
     # A +inf max (and so no NaN in the set: the maxima keep NaN) makes the LSE +inf, as torch.logsumexp has it;
     # the engines' log Σ exp(z − max) is inf − inf there.
     rest = torch.where(stats[0] == float("inf"), stats[1].new_zeros(()), stats[1])
@@ -207,7 +212,8 @@ def _targets_backward(ctx, grad_out):
     g = grad_out.to(acc)
     half = g / 2 if symmetric else g
     N, M = comm.total_rows(q.shape[0]), comm.total_keys(k.shape[0])
-    has_r = _side_terms(row, pos_r, options.targets, M)[1]
+    has_r = _has_set(row, pos_r, options.targets, M)
+    has_c = _has_set(col, pos_c, options.targets, N) if symmetric else None
     zero = g.new_zeros(())
     w = pw = None
     if options.reduction == "none":  # d loss / d r_i = g_i (/2); d loss / d c_j = Σ_{i: qg_i = j} g_i / 2
@@ -217,11 +223,10 @@ def _targets_backward(ctx, grad_out):
     else:
         a = torch.where(has_r, half / (n_rows.clamp(min=1) if options.reduction == "mean" else 1), zero)
         if symmetric:
-            has_c = _side_terms(col, pos_c, options.targets, N)[1]
-            w = torch.where(has_c, half / (has_c.sum().clamp(min=1) if options.reduction == "mean" else 1), zero)
+            w = half / (has_c.sum().clamp(min=1) if options.reduction == "mean" else 1)
     pa = a / pos_r[1].clamp(min=1)
     if symmetric:
-        w = torch.where(_side_terms(col, pos_c, options.targets, N)[1], w, zero)
+        w = torch.where(has_c, w, zero)
         pw = w / pos_c[1].clamp(min=1)
     s = scale.detach().to(acc)
     dq, dk = sweeps.masked_grad(comm, q, k, keys, s, qg, kg, options.targets, ref_r, ref_c, row, col, a, w, pa, pw,

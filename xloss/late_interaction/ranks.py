@@ -120,8 +120,9 @@ def _unpack(blk, ld: int, dim: int):
 
 
 def _ring_q2d(comm, q, d, q_valid, d_valid, q_weights, token_reduction, mask_mode, engine, need_grad):
-    """``S^{q2d} [n_r, M]`` through ``MaxSimFunction`` with the ring (:func:`ring_forward`); with ``need_grad`` (the same on every rank) d enters
-    as a leaf that needs a gradient on every rank, so that every rank runs the backward's ring."""
+    """``S^{q2d} [n_r, M]`` through ``MaxSimFunction`` with the ring (:func:`ring_forward`); with ``need_grad``
+    (the same on every rank) d enters as a leaf that needs a gradient on every rank, so that every rank runs the
+    backward's ring."""
     from ..reference.late_interaction import token_weights
     from . import MaxSimFunction, MaxSimOptions
 
