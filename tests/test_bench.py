@@ -119,11 +119,14 @@ HAS_ST = importlib.util.find_spec("sentence_transformers") is not None
 
 
 def test_late_interaction_training_preset():
-    """Both families registered; the preset runs them on the CPU in fp32 up to the bar-setting shapes."""
+    """Both families registered; the preset runs them on the CPU in fp32 up to the bar-setting shapes, and on CUDA
+    at the same shapes in bf16."""
     assert {"late_interaction_distill", "xtr"} <= set(bench.FAMILIES)
     assert "reference" in bench.FAMILIES["xtr"].extras
     preset = bench.PRESETS["late-interaction-training"]["cpu"]
-    assert set(bench.PRESETS["late-interaction-training"]) == {"cpu"} and preset.dtype == "float32"
+    assert set(bench.PRESETS["late-interaction-training"]) == {"cpu", "cuda"} and preset.dtype == "float32"
+    gpu = bench.PRESETS["late-interaction-training"]["cuda"]
+    assert gpu.dtype == "bfloat16" and (gpu.shapes, gpu.family_shapes) == (preset.shapes, preset.family_shapes)
     assert preset.families == ("late_interaction_distill", "xtr") and preset.baselines == ("naive",)
     assert preset.shapes == ((64, 16, 128), (128, 16, 128), (256, 16, 128))  # (N, n, D)
     assert preset.family_shapes["xtr"] == ((16, 64, 128), (32, 128, 128), (64, 256, 128))  # (Nq, Nd, D)

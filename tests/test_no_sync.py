@@ -54,11 +54,6 @@ def _t(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
 
 
-def _xtr(b):
-    """XTR has one engine (chunked); the Triton rows of the matrix run it through "auto"."""
-    return {"backend": "auto"} if b["backend"] == "triton" else b
-
-
 def _cases(backend):
     q, k, c = _t(16, 8, seed=1), _t(16, 8, seed=2), _t(16, 8, seed=3)
     s = torch.tensor(2.0, requires_grad=True)
@@ -91,8 +86,8 @@ def _cases(backend):
         "maxsim_grouped": lambda: xloss.maxsim_grouped(tq, tg, None, g_mask, **b).sum(),
         "late_interaction_distill_loss": lambda: xloss.late_interaction_distill_loss(
             tq, tg, torch.randn(4, 2), None, g_mask, temperature=0.5, normalize_scores=True, **b),
-        "xtr_scores": lambda: xloss.xtr_scores(tq, td, None, d_mask, k=7, **_xtr(b)).sum(),
-        "xtr_loss": lambda: xloss.xtr_loss(tq, td, None, d_mask, k=7, logit_scale=s, **_xtr(b)),
+        "xtr_scores": lambda: xloss.xtr_scores(tq, td, None, d_mask, k=7, **b).sum(),
+        "xtr_loss": lambda: xloss.xtr_loss(tq, td, None, d_mask, k=7, logit_scale=s, **b),
         "distill_loss": lambda: xloss.distill_loss(q, k, c.detach(), c.detach(), logit_scale=s, **b),
         "cwcl_loss": lambda: xloss.cwcl_loss(q, k, logit_scale=s, symmetric=True, **b),
     }

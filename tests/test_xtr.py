@@ -209,8 +209,8 @@ def test_bad_input_gives_clear_errors():
         xloss.xtr_loss(q, d, k=3)
     with pytest.raises(ValueError, match="labels"):
         xloss.xtr_loss(q, d, k=3, logit_scale=1.0, labels=torch.tensor([0, 1]))
-    with pytest.raises(RuntimeError, match="backend='triton' is not available for xtr"):
-        xloss.xtr_scores(q, d, k=3, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        xloss.xtr_scores(q, d, k=3, backend="fused")
 
 
 def test_double_backward_raises_the_one_clear_error_and_reference_is_twice_differentiable():
@@ -223,3 +223,18 @@ def test_double_backward_raises_the_one_clear_error_and_reference_is_twice_diffe
                                 create_graph=True)
     (gq ** 2).sum().backward()
     assert d.grad is not None and torch.isfinite(d.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_valid_tokens_at_minus_infinity_are_retrieved_when_k_covers_them(backend):
+    """k = the whole pool: every valid token is retrieved, one whose similarity is -inf too (the reference's
+    topk takes them all), so a document whose only tokens are at -inf scores -inf, not 0 (no hit)."""
+    if backend == "triton" and not xloss._dispatch.triton_interpret():
+        pytest.skip("the triton engine runs on CPU tensors only in the interpreter")
+    inf = float("inf")
+    q = torch.tensor([[[inf, 1.0], [1.0, 1.0]]])
+    d = torch.tensor([[[-1.0, 0.5], [1.0, 2.0]], [[-2.0, 1.0], [-1.0, 3.0]]])
+    s = xloss.xtr_scores(q, d, k=4, backend=backend)
+    r = xloss.reference.xtr_scores(q, d, k=4)
+    assert r[0, 1] == -inf
+    torch.testing.assert_close(s, r)

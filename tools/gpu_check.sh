@@ -12,7 +12,8 @@
 #   3. the GPU benchmark presets: InfoNCE N = M = 65536, D = 768, bf16 against naive and inf-cl ("gpu"), the
 #      sigmoid loss at the same shape ("gpu-sigmoid"), late interaction at the ColBERT and ColPali training shapes
 #      and scoring against flash-maxsim ("gpu-late-interaction"), structured and soft targets ("groups",
-#      "distill").  Baselines that are not installed are reported as unavailable in the CSV, not as failures.
+#      "distill"), grouped distillation and XTR at the training shapes ("late-interaction-training").  Baselines
+#      that are not installed are reported as unavailable in the CSV, not as failures.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -41,7 +42,7 @@ xloss.available_backends())" | tee "$OUT/environment.txt"
 
 TRITON_TESTS=(tests/test_info_nce_triton.py tests/test_infonce_targets_triton.py tests/test_sigmoid_triton.py
               tests/test_late_interaction_triton.py tests/test_gram_triton.py tests/test_symile_triton.py)
-for t in tests/test_soft_targets_triton.py tests/test_infonce_matryoshka.py; do [ -f "$t" ] && TRITON_TESTS+=("$t"); done
+for t in tests/test_soft_targets_triton.py tests/test_infonce_matryoshka.py tests/test_xtr_triton.py; do [ -f "$t" ] && TRITON_TESTS+=("$t"); done
 
 if [ "$TINY" = 1 ]; then
   export TRITON_INTERPRET=1
@@ -54,6 +55,7 @@ if [ "$TINY" = 1 ]; then
     --baselines naive,flash_maxsim "${BENCH[@]}"
   step bench-groups 300 python -m xloss.bench --family info_nce_groups --sizes 64 --dim 32 "${BENCH[@]}"
   step bench-distill 300 python -m xloss.bench --family distill --sizes 64 --dim 32 "${BENCH[@]}"
+  step bench-xtr 300 python -m xloss.bench --family xtr --sizes 4 --dim 16 "${BENCH[@]}"
 else
   export TRITON_INTERPRET=0
   step triton-tests 240 python -m pytest -q "${TRITON_TESTS[@]}"
@@ -64,6 +66,8 @@ else
     --no-plot --out "$OUT"
   step bench-groups 60 python -m xloss.bench --preset groups --device cuda --runs 3 --no-plot --out "$OUT"
   step bench-distill 60 python -m xloss.bench --preset distill --device cuda --runs 3 --no-plot --out "$OUT"
+  step bench-late-interaction-training 90 python -m xloss.bench --preset late-interaction-training --device cuda \
+    --runs 3 --no-plot --out "$OUT"
 fi
 
 if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -184,6 +184,7 @@ TABLE: tuple[Route, ...] = (
           _dense_fits("late_interaction")),
     Route("late_interaction", "chunked", "xloss.late_interaction.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT,
           _always),
+    Route("xtr", "triton", "xloss.xtr.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
     Route("xtr", "chunked", "xloss.xtr.chunked", ("cpu", "cuda", "meta"), _ANY_FLOAT, _always),
     Route("gram", "triton", "xloss.gram.triton", ("cuda",), _LOW_PRECISION, _triton_runs, why_not=_TRITON_HOW),
     Route("gram", "dense", "xloss.reference.gram", ("cpu", "cuda"), _ANY_FLOAT, _always,

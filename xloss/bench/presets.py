@@ -123,11 +123,15 @@ PRESETS: dict[str, dict[str, Preset]] = {
     },
     # Late interaction at training scale (issue 14), CPU fp32, D = 128, Lq = 32, Ld = 180: distillation of each
     # query against its own n = 16 teacher-scored documents, N = 64, 128, 256 queries (shape (N, n, D)); XTR
-    # scores with k = 256, (Nq, Nd) = (16, 64), (32, 128), (64, 256) in-batch, against sentence-transformers.
-    "late-interaction-training": {"cpu": Preset(
-        ((64, 16, 128), (128, 16, 128), (256, 16, 128)), "float32", families=("late_interaction_distill", "xtr"),
-        family_shapes={"xtr": ((16, 64, 128), (32, 128, 128), (64, 256, 128))},
-    )},
+    # scores with k = 256, (Nq, Nd) = (16, 64), (32, 128), (64, 256) in-batch, against sentence-transformers.  On
+    # CUDA the same shapes in bf16 ("auto" runs the Triton engines there).
+    "late-interaction-training": {
+        device: Preset(
+            ((64, 16, 128), (128, 16, 128), (256, 16, 128)), dtype, families=("late_interaction_distill", "xtr"),
+            family_shapes={"xtr": ((16, 64, 128), (32, 128, 128), (64, 256, 128))},
+        )
+        for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16"))
+    },
     "quick": {
         "cpu": Preset(_square((512, 1024), 64), "float32", runs=2, families=("info_nce",)),
         "cuda": Preset(_square((1024, 2048), 128), "float32", runs=2, families=("info_nce",)),

@@ -7,8 +7,8 @@ of document b among the ``k`` document tokens it retrieved from the whole batch 
 
 Layout (op → Function → function): ``chunked.py`` the two sweeps (threshold, then MaxSim under it) and the
 backward routing; ``ops.py`` the sweeps as custom ops; here the one autograd Function :class:`XTRFunction` and
-the public functions :func:`xtr_scores` and :func:`xtr_loss`.  There is no Triton kernel for XTR yet: the
-chunked engine runs on every device.
+the public functions :func:`xtr_scores` and :func:`xtr_loss`; ``triton.py`` the same two sweeps as fused GPU
+kernels (what "auto" takes on CUDA for float32/float16/bfloat16).
 """
 
 from __future__ import annotations
@@ -33,12 +33,11 @@ class XTRFunction(torch.autograd.Function):
     ``need_aux``: the indices are kept for a backward (decided by the caller: grad mode is off in here)."""
 
     @staticmethod
-    def forward(ctx, q, d, q_valid, d_valid, k: int, d_masked: bool, need_aux: bool):
-        acc = accumulation_dtype(q.dtype)
-        qf, df = q.to(acc), d.to(acc)
-        scores, idx, z = _ops.xtr_forward(qf, df, q_valid, d_valid, k, need_aux, d_masked)
+    def forward(ctx, q, d, q_valid, d_valid, k: int, d_masked: bool, need_aux: bool, engine: str):
+        scores, idx, z = _ops.xtr_forward(q, d, q_valid, d_valid, k, need_aux, d_masked, engine)
         ctx.set_materialize_grads(False)
         ctx.dtypes = (q.dtype, d.dtype)
+        ctx.engine = engine
         if need_aux:
             ctx.save_for_backward(q, d, q_valid, d_valid, idx, z)
         return scores
@@ -47,11 +46,10 @@ class XTRFunction(torch.autograd.Function):
     @first_order_only("xtr_scores / xtr_loss")
     def backward(ctx, g):
         if g is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         q, d, q_valid, d_valid, idx, z = ctx.saved_tensors
-        acc = accumulation_dtype(q.dtype)
-        dq, dd = _ops.xtr_backward(g, q.to(acc), d.to(acc), q_valid, d_valid, idx, z)
-        return dq.to(ctx.dtypes[0]), dd.to(ctx.dtypes[1]), None, None, None, None, None
+        dq, dd = _ops.xtr_backward(g, q, d, q_valid, d_valid, idx, z, ctx.engine)
+        return dq.to(ctx.dtypes[0]), dd.to(ctx.dtypes[1]), None, None, None, None, None, None
 
 
 
@@ -95,8 +93,9 @@ def xtr_scores(q: Tensor, d: Tensor, q_mask: Tensor | None = None, d_mask: Tenso
         q_mask, d_mask: ``[Nq, Lq]`` and ``[Nd, Ld]`` (or ``[Nq, n, Ld]``), True / 1 = valid token; None = all
             valid.  Masked-out tokens are never retrieved and never counted, whatever they hold.
         k: how many document tokens each query token retrieves (a positive int; beyond ``Nd·Ld``: all).
-        backend: ``"auto"`` / ``"chunked"`` (the two-sweep engine, any device) or ``"reference"`` (the naive
-            definition, in the input dtype).
+        backend: ``"auto"``, ``"triton"`` (the fused kernels: CUDA, float32/float16/bfloat16; "auto" takes
+            them there), ``"chunked"`` (the two sweeps in torch, any device and dtype) or ``"reference"`` (the
+            naive definition, in the input dtype).
 
     Returns:
         ``[Nq, Nd]`` scores, float32 for half inputs, float64 for float64.  Gradients flow to q and d through
@@ -105,14 +104,15 @@ def xtr_scores(q: Tensor, d: Tensor, q_mask: Tensor | None = None, d_mask: Tenso
     _check_k(k)
     d, d_mask, _ = _stacked(q, d, d_mask)
     q_mask, d_mask = _check_inputs(q, d, q_mask, d_mask, "sum", "exclude", None, None, "q2d")
-    if _dispatch.resolve(FAMILY, backend, q.device, q.dtype) == "reference":
+    engine = _dispatch.resolve(FAMILY, backend, q.device, q.dtype)
+    if engine == "reference":
         return _reference.xtr_scores(q, d, q_mask, d_mask, k=k).to(accumulation_dtype(q.dtype))
     q_valid = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if q_mask is None else q_mask
     d_valid = torch.ones(d.shape[:2], dtype=torch.bool, device=d.device) if d_mask is None else d_mask
     q = zero_padding(q, q_valid) if q_mask is not None else q
     d = zero_padding(d, d_valid) if d_mask is not None else d
     need_aux = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
-    return XTRFunction.apply(q, d, q_valid, d_valid, k, d_mask is not None, need_aux)
+    return XTRFunction.apply(q, d, q_valid, d_valid, k, d_mask is not None, need_aux, engine)
 
 
 def xtr_loss(q: Tensor, d: Tensor, q_mask: Tensor | None = None, d_mask: Tensor | None = None, *, k: int,

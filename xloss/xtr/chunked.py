@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._tiling import accumulation_dtype
 from ..late_interaction.backward import route
 from ..late_interaction.chunked import budget_bytes, index_dtype
 
@@ -43,13 +44,57 @@ def _tile(qb: Tensor, d: Tensor, d_bad: Tensor | None, d0: int, d1: int) -> Tens
     return t
 
 
-def xtr_fwd(q: Tensor, d: Tensor, q_valid: Tensor, d_valid: Tensor, k: int, need_aux: bool, d_masked: bool):
-    """``(scores [Nq, Nd], idx [Nq, Nd, Lq], z [Nq, Nd])`` (idx and z empty without ``need_aux``).
+def _block_top(qb: Tensor, d: Tensor, d_bad: Tensor | None, kk: int, bd: int) -> tuple[Tensor, Tensor]:
+    """The ``kk`` largest similarities (unsorted) of each row of ``qb`` over every document token, masked-out ones
+    at -inf (a running ``torch.topk`` merged block of documents by block), and the last tile computed (the
+    whole ``[rows, Nd·Ld]`` block when ``bd == Nd``, which the second sweep then reuses)."""
+    top = tile = None
+    for d0 in range(0, d.shape[0], bd):
+        tile = _tile(qb, d, d_bad, d0, min(d.shape[0], d0 + bd))
+        cand = tile if top is None else torch.cat([top, tile], dim=1)
+        top = cand.topk(min(kk, cand.shape[1]), dim=1, sorted=False).values
+    return top, tile
 
-    ``q``, ``d``: in the accumulation dtype, masked-out tokens already zero."""
+
+def _smallest(top: Tensor) -> Tensor:
+    """``[rows, 1]``: the smallest of each row's retrieved values, NaN taken as +inf (``torch.topk`` ranks NaN
+    first, so a NaN among them is above every number); infinities stay infinite."""
+    inf = float("inf")
+    return top.nan_to_num(nan=inf, posinf=inf, neginf=-inf).amin(dim=1, keepdim=True)
+
+
+def xtr_bounds(q: Tensor, d: Tensor, d_valid: Tensor, d_masked: bool, k: int) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)`` ``[Nq·Lq]`` in the accumulation dtype: the ``kk``-th and ``(kk+1)``-th largest similarity of
+    each query token over every valid document token (``kk = min(k, Nd·Ld)``; NaN counted as +inf; -inf where
+    there is no such token).  The Triton engine's first sweep when ``k`` is too large for its kernel."""
+    acc = accumulation_dtype(q.dtype)
+    q, d = q.to(acc), d.to(acc)
     nq, lq, _ = q.shape
     nd, ld, _ = d.shape
-    dev, acc = q.device, q.dtype
+    kk = min(k, nd * ld)
+    bq, bd = _blocks(nq, lq, nd, ld, kk + 1, q.element_size())
+    d_bad = ~d_valid if d_masked else None
+    hi = q.new_full((nq * lq,), float("-inf"))
+    lo = q.new_full((nq * lq,), float("-inf"))
+    for q0 in range(0, nq, bq):
+        r0, r1 = q0 * lq, min(nq, q0 + bq) * lq
+        top, _ = _block_top(q[q0:q0 + bq].reshape(r1 - r0, -1), d, d_bad, kk + 1, bd)
+        top = top.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+        top = top.sort(dim=1, descending=True).values
+        hi[r0:r1] = top[:, kk - 1]
+        if top.shape[1] > kk:
+            lo[r0:r1] = top[:, kk]
+    return hi, lo
+
+
+def xtr_fwd(q: Tensor, d: Tensor, q_valid: Tensor, d_valid: Tensor, k: int, need_aux: bool, d_masked: bool):
+    """``(scores [Nq, Nd], idx [Nq, Nd, Lq], z [Nq, Nd])`` in the accumulation dtype (idx and z empty without
+    ``need_aux``).  ``q``, ``d``: any float dtype, masked-out tokens already zero."""
+    acc = accumulation_dtype(q.dtype)
+    q, d = q.to(acc), d.to(acc)
+    nq, lq, _ = q.shape
+    nd, ld, _ = d.shape
+    dev = q.device
     kk = min(k, nd * ld)
     bq, bd = _blocks(nq, lq, nd, ld, kk, q.element_size())
     d_bad = ~d_valid if d_masked else None
@@ -62,14 +107,8 @@ def xtr_fwd(q: Tensor, d: Tensor, q_valid: Tensor, d_valid: Tensor, k: int, need
         rows = (q1 - q0) * lq
         qb = q[q0:q1].reshape(rows, -1)
         # 1. the k-th largest similarity of each query token over every valid document token
-        tile = None
-        top = None
-        for d0 in range(0, nd, bd):
-            tile = _tile(qb, d, d_bad, d0, min(nd, d0 + bd))
-            cand = tile if top is None else torch.cat([top, tile], dim=1)
-            top = cand.topk(min(kk, cand.shape[1]), dim=1, sorted=False).values
-        # NaN ranks first in topk: the threshold is the smallest non-NaN value among the k retrieved
-        thr = top.nan_to_num(nan=float("inf")).amin(dim=1, keepdim=True)
+        top, tile = _block_top(qb, d, d_bad, kk, bd)
+        thr = _smallest(top)
         # 2. MaxSim over the retrieved tokens (NaN < thr is False: a NaN is retrieved and propagates)
         for d0 in range(0, nd, bd):
             d1 = min(nd, d0 + bd)
@@ -96,8 +135,10 @@ def xtr_fwd(q: Tensor, d: Tensor, q_valid: Tensor, d_valid: Tensor, k: int, need
 
 def xtr_bwd(g: Tensor, q: Tensor, d: Tensor, q_valid: Tensor, d_valid: Tensor, idx: Tensor, z: Tensor):
     """``(dq, dd)`` in the accumulation dtype: the routing of ``g / max(Z, 1)`` through the arg-max indices."""
-    gz = g.to(q.dtype) / z.clamp_min(1)
+    acc = accumulation_dtype(q.dtype)
+    q, d = q.to(acc), d.to(acc)
+    gz = g.to(acc) / z.clamp_min(1)
     return route(q, d, idx, gz, q_valid.to(q.dtype), d_valid, check_winner=False)
 
 
-__all__ = ["xtr_bwd", "xtr_fwd"]
+__all__ = ["xtr_bounds", "xtr_bwd", "xtr_fwd"]
