@@ -217,3 +217,16 @@ def test_float64_is_refused_by_triton_and_auto_runs_chunked_off_cuda():
     assert xloss._dispatch.resolve("xtr", "auto", torch.device("cpu"), torch.float32) == "chunked"
     if DEVICE == "cuda":
         assert xloss._dispatch.resolve("xtr", "auto", torch.device("cuda"), torch.float16) == "triton"
+
+
+def test_compiled_equals_eager():
+    """The Triton engine behind the same custom ops under torch.compile (one graph, no break)."""
+    q, d, qm, dm = _inputs(3, 4, 5, 6, 8, seed=9)
+
+    def fn(q, d):
+        return xloss.xtr_loss(q, d, qm, dm, k=6, temperature=0.5, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for a, b in zip(_run(compiled, q, d), _run(fn, q, d)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

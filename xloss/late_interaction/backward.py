@@ -162,14 +162,16 @@ def route_pairs(x, y, idx, g, w, y_valid, zero_mode: bool, group: int = 1):
     (``index_add_``): ``O(NP·LX·D)`` in blocks of rows sized by ``XLOSS_CPU_TILE_MB``, so no temporary is
     larger than a block (for the grouped layout y and dy are the largest tensors of the step, and dy is
     written once, by its zero fill and the scattered rows).  A token without a valid winner (masked out, or no
-    partner) contributes exactly 0: its gathered row and its own row may hold NaN/inf padding, so they are
-    replaced by 0 (``masked_fill_``), never multiplied by a zero coefficient.
+    partner) contributes exactly 0: its gathered row and its own row may hold NaN/inf padding, so the gathered
+    row is replaced by 0 (``masked_fill_``), never multiplied by a zero coefficient, and its own row is added to
+    a spare row of ``dy`` that is dropped.
     """
     n, lx = idx.shape
     ly, dim = y.shape[1], y.shape[2]
     acc, dev = g.dtype, g.device
     dx = torch.empty(x.shape[0], lx, dim, dtype=acc, device=dev)
-    dy = torch.zeros(n * ly, dim, dtype=acc, device=dev)
+    # One spare last row takes the rows of x that route nothing (they may hold NaN/inf padding): no mask pass.
+    dy = torch.zeros(n * ly + 1, dim, dtype=acc, device=dev)
     yflat = y.reshape(n * ly, dim)
     rows = max(1, budget_bytes() // (2 * max(1, lx * dim) * max(4, y.element_size())) // group) * group
     for a0 in range(0, n, rows):
@@ -189,9 +191,9 @@ def route_pairs(x, y, idx, g, w, y_valid, zero_mode: bool, group: int = 1):
         win = yflat.index_select(0, flat).view(m, lx, dim).to(acc).masked_fill_(bad3, 0).mul_(coef[:, :, None])
         dx[a0 // group: a1 // group] = win.view(-1, group, lx, dim).sum(1) if group > 1 else win
         xa = x[a0 // group: a1 // group].to(acc)
-        src = (xa[:, None] * coef.view(-1, group, lx, 1)).view(m, lx, dim).masked_fill_(bad3, 0)
-        dy.index_add_(0, flat, src.view(m * lx, dim))
-    return dx, dy.view(n, ly, dim)
+        src = xa[:, None] * coef.view(-1, group, lx, 1)
+        dy.index_add_(0, flat.masked_fill(bad.view(-1), n * ly), src.view(m * lx, dim))
+    return dx, dy[: n * ly].view(n, ly, dim)
 
 
 def pairs_backward(q, d, q_w, d_w, q_valid, d_valid, zero_mode, aux_q2d, aux_d2q, g_q2d, g_d2q,
