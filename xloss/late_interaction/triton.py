@@ -114,6 +114,24 @@ def _isnan(x):
 
 
 @triton.jit
+def _running_max(s, cand, offs_v, run_max, run_idx, AUX: tl.constexpr):
+    """One column block of a running max over the rows of ``s [M, V]`` (``cand``: the candidates, broadcast to
+    ``s``; ``s`` is -inf elsewhere) and, with ``AUX``, its arg-max among the candidates: the lowest index on
+    ties, the first NaN (which wins, as in ``torch.max``), -1 until a candidate was seen.  Returns the new
+    ``(run_max, run_idx)``."""
+    t_max = tl.reduce(s, 1, _max_nan)  # [M]
+    if AUX:
+        hit = (s == t_max[:, None]) | (_isnan(s) & _isnan(t_max)[:, None])
+        t_arg = tl.min(tl.where(cand & hit, offs_v[None, :], _NO_INDEX), 1)
+        # Strictly greater keeps ties at lower indices; a first NaN takes over and stays; the first candidate
+        # always counts (a max of -inf sits at its first token).
+        upd = ((t_max > run_max) | (_isnan(t_max) & ~_isnan(run_max))
+               | ((run_idx < 0) & (t_arg < _NO_INDEX)))
+        run_idx = tl.where(upd, t_arg, run_idx)
+    return _max_nan(run_max, t_max), run_idx
+
+
+@triton.jit
 def _maxsim_kernel(
     x_ptr, y_ptr,  # [Nx, Lx, D], [Ny, Ly, D] fp32/fp16/bf16, unit stride along D: the row / column token sets
     wx_ptr,  # [Nx, Lx] fp32 contiguous: token weights of the row direction (ROW)
@@ -214,16 +232,7 @@ def _maxsim_kernel(
                     else:
                         cand = yv
                         s_row = tl.where(cand[None, :], sim, float("-inf"))
-                    t_max = tl.reduce(s_row, 1, _max_nan)  # [BLOCK_M]
-                    if AUX:
-                        hit = (s_row == t_max[:, None]) | (_isnan(s_row) & _isnan(t_max)[:, None])
-                        t_arg = tl.min(tl.where(cand[None, :] & hit, offs_v[None, :], _NO_INDEX), 1)
-                        # Strictly greater keeps ties at lower indices; a first NaN takes over and stays; the
-                        # first candidate always counts (a max of -inf sits at its first token).
-                        upd = ((t_max > run_max) | (_isnan(t_max) & ~_isnan(run_max))
-                               | ((run_idx < 0) & (t_arg < _NO_INDEX)))
-                        run_idx = tl.where(upd, t_arg, run_idx)
-                    run_max = _max_nan(run_max, t_max)
+                    run_max, run_idx = _running_max(s_row, cand[None, :], offs_v, run_max, run_idx, AUX)
                 if COL:
                     if ZERO_MODE:  # invalid rows score 0
                         s_col = tl.where(c_cand[:, None], tl.where(xv[:, None], sim, 0.0), float("-inf"))
@@ -289,6 +298,18 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == 1 else t.contiguous()
 
 
+def row_packing(lx: int, nx: int) -> tuple[int, int]:
+    """``(T_PAD, BLOCK_A)``: row entities of ``lx`` tokens packed into one tile of about ``ROWS_TARGET`` rows
+    (at least tl.dot's 16, no more entities than ``nx``); one entity in blocks of ``MAX_T`` tokens when its set
+    is longer than a tile."""
+    lx_pad = triton.next_power_of_2(lx)
+    if lx_pad > MAX_T:
+        return MAX_T, 1
+    block_a = max(1, ROWS_TARGET // lx_pad)
+    block_a = min(block_a, triton.next_power_of_2(nx))  # no wasted rows for a handful of queries
+    return lx_pad, max(block_a, 16 // lx_pad, 1)  # tl.dot needs >= 16 rows
+
+
 def _launch(x, y, wx, xv, yv, hx, hy, wy, zero_mode: bool, row: bool, col: bool, out_r, out_c, aux: bool,
             y_per_x: int = 0):
     """One ``_maxsim_kernel`` sweep with ``x`` on the tile rows and ``y`` on the columns.
@@ -304,17 +325,11 @@ def _launch(x, y, wx, xv, yv, hx, hy, wy, zero_mode: bool, row: bool, col: bool,
     nx, lx, d = x.shape
     ny, ly = (y_per_x if y_per_x else y.shape[0]), y.shape[1]
     lx_pad = triton.next_power_of_2(lx)
+    assert lx_pad <= MAX_T or not col, "the column direction needs the whole row token set in one tile"
     if y_per_x:  # one row entity per program (each has its own columns), tl.dot's 16 rows at least
         t_pad, block_a = (max(16, lx_pad), 1) if lx_pad <= MAX_T else (MAX_T, 1)
-        assert lx_pad <= MAX_T or not col, "the column direction needs the whole row token set in one tile"
-    elif lx_pad <= MAX_T:
-        t_pad = lx_pad
-        block_a = max(1, ROWS_TARGET // t_pad)
-        block_a = min(block_a, triton.next_power_of_2(nx))  # no wasted rows for a handful of queries
-        block_a = max(block_a, 16 // t_pad, 1)  # tl.dot needs >= 16 rows
     else:
-        assert not col, "the column direction needs the whole row token set in one tile"
-        t_pad, block_a = MAX_T, 1
+        t_pad, block_a = row_packing(lx, nx)
     block_m = block_a * t_pad
     block_v, chunk, single_d_max, num_warps = FP32_CONFIG if x.dtype == torch.float32 else HALF_CONFIG
     single_d = d <= single_d_max

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .. import _triton_common as _common
 from ..late_interaction import triton as _li
-from ..late_interaction.triton import _isnan, _max_nan
+from ..late_interaction.triton import _isnan, _running_max
 from . import chunked as _chunked
 
 # K_PAD (buffer columns of the running top-k, a power of two) handled in registers; beyond it the first sweep
@@ -51,9 +51,6 @@ if _li._SMALL_TILES:
 else:
     MAX_K_PAD = 256
     BOUNDS_ROWS = 16
-
-_NO_INDEX = tl.constexpr(1 << 30)
-
 
 @triton.jit
 def _xtr_bounds_kernel(
@@ -137,16 +134,7 @@ def _xtr_maxsim_kernel(
                 dv = tl.load(dv_ptr + cols, mask=v_ok, other=0) != 0
                 cand = dv[None, :] & ~(sim < cut[:, None])  # NaN < cut is False: a NaN is retrieved
                 s_m = tl.where(cand, sim, float("-inf"))
-                t_max = tl.reduce(s_m, 1, _max_nan)  # [BLOCK_M]
-                if AUX:
-                    hit = (s_m == t_max[:, None]) | (_isnan(s_m) & _isnan(t_max)[:, None])
-                    t_arg = tl.min(tl.where(cand & hit, offs_v[None, :], _NO_INDEX), 1).to(tl.int32)
-                    # Strictly greater keeps ties at lower indices; a first NaN takes over; the first retrieved
-                    # token always counts (a max of -inf sits at its first such token).
-                    upd = ((t_max > run_max) | (_isnan(t_max) & ~_isnan(run_max))
-                           | ((run_idx < 0) & (t_arg < _NO_INDEX)))
-                    run_idx = tl.where(upd, t_arg, run_idx)
-                run_max = _max_nan(run_max, t_max)
+                run_max, run_idx = _running_max(s_m, cand, offs_v, run_max, run_idx, AUX)
                 found = tl.maximum(found, tl.max(cand.to(tl.int32), 1))
             qv = tl.load(qv_ptr + rows, mask=row_ok, other=0) != 0
             got = (found != 0) & qv & row_ok  # [BLOCK_M] this query token retrieved a token of document b
@@ -221,18 +209,11 @@ def xtr_fwd(q, d, q_valid, d_valid, k: int, need_aux: bool, d_masked: bool):
     scores = torch.empty(nq, nd, dtype=torch.float32, device=dev)
     z = torch.empty(nq, nd, dtype=torch.float32, device=dev)
     idx = torch.empty(nq, nd, lq, dtype=_li._index_dtype(ld), device=dev) if need_aux else scores
-    lq_pad = triton.next_power_of_2(lq)
-    if lq_pad <= _li.MAX_T:
-        t_pad = lq_pad
-        block_a = min(max(1, _li.ROWS_TARGET // t_pad), triton.next_power_of_2(nq))
-        block_a = max(block_a, 16 // t_pad, 1)  # tl.dot needs >= 16 rows
-    else:
-        t_pad, block_a = _li.MAX_T, 1
+    t_pad, block_a = _li.row_packing(lq, nq)
     block_v, chunk, _, num_warps = _config(q.dtype)
     row_blocks = triton.cdiv(nq, block_a)
-    split = max(1, min(nd, triton.cdiv(_li._target_programs(dev), row_blocks)))
-    per = triton.cdiv(nd, split)
-    _xtr_maxsim_kernel[(row_blocks, triton.cdiv(nd, per))](
+    split, per = _common.column_split(row_blocks, nd, 1, _li._target_programs(dev))
+    _xtr_maxsim_kernel[(row_blocks, split)](
         qf, df, cut, qv, dv, scores, z, idx, nq, nd, lq, ld, dim, qf.stride(0), df.stride(0), per,
         BLOCK_A=block_a, T_PAD=t_pad, BLOCK_V=block_v, BLOCK_D=_block_d(dim, chunk), AUX=need_aux,
         INPUT_PRECISION=_common.input_precision(q.dtype),
